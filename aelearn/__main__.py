@@ -1,0 +1,5 @@
+import sys
+
+from aelearn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""numba kernels: the CPU fallback when the compiled extension is not built."""

@@ -1,0 +1,165 @@
+"""The platform: build, registry and dispatch, the pure-Python fallback, memory linearity."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import aelearn
+from aelearn import _ext
+from aelearn.cli import info_text, main
+from aelearn.ops import _registry, mmd
+from aelearn.ops._registry import BackendUnavailableError
+
+X = torch.randn(6, 3)
+Y = torch.randn(5, 3)
+EXTENSION_DISABLED = os.environ.get("AELEARN_NO_EXT", "") not in ("", "0")
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=600,
+    )
+
+
+def test_the_backends_this_machine_should_run_are_available():
+    """Guards the harness against skipping into green: what can run here must not be skipped."""
+    table = aelearn.backends()["mmd"]
+    assert table["reference"] is None
+    assert table["numba"] is None, table["numba"]
+    if not EXTENSION_DISABLED:
+        assert table["cpp"] is None, table["cpp"]
+    if importlib.util.find_spec("triton") is not None:
+        assert table["triton"] is None, table["triton"]
+    if torch.cuda.is_available() and not EXTENSION_DISABLED:
+        assert table["cuda"] is None, table["cuda"]
+
+
+@pytest.mark.skipif(EXTENSION_DISABLED, reason="AELEARN_NO_EXT is set: the extension is off on purpose")
+def test_extension_build_info_and_cuda_sources_compiled():
+    info = _ext.build_info()
+    assert info["extension"] and info["torch_version"] == torch.__version__
+    assert info["openmp"]
+    assert "-O3" in info["cxx_flags"]
+    nvcc_present = subprocess.run(["which", "nvcc"], capture_output=True).returncode == 0
+    # Where nvcc exists the CUDA sources are compiled (linked only where torch has CUDA).
+    assert info["cuda_compiled"] == nvcc_present
+    assert info["cuda_linked"] == (nvcc_present and torch.version.cuda is not None)
+
+
+@pytest.mark.skipif(EXTENSION_DISABLED, reason="AELEARN_NO_EXT is set: the extension is off on purpose")
+def test_library_ops_pass_opcheck():
+    x, y = torch.randn(7, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.aelearn.mmd_sums.default, (x, y, "rbf", [0.5, 0.1], True))
+    torch.library.opcheck(torch.ops.aelearn.mmd_grads.default, (x, y, "imq", [1.0], False, 0.1, 0.2, -0.3))
+
+
+def test_selection_order_argument_context_environment_priority(monkeypatch):
+    automatic = _registry.select("mmd", X.device, X.dtype, X, Y, "rbf", (0.5,))
+    assert automatic.name == ("numba" if EXTENSION_DISABLED else "cpp")
+    monkeypatch.setenv("AELEARN_BACKEND", "reference")
+    assert _registry.select("mmd", X.device, X.dtype, X, Y, "rbf", (0.5,)).name == "reference"
+    with aelearn.use_backend("numba"):
+        assert _registry.select("mmd", X.device, X.dtype, X, Y, "rbf", (0.5,)).name == "numba"
+        assert _registry.select("mmd", X.device, X.dtype, X, Y, "rbf", (0.5,), backend="reference").name == "reference"
+        with aelearn.use_backend(None):
+            assert _registry.select("mmd", X.device, X.dtype, X, Y, "rbf", (0.5,)).name == "reference"
+    monkeypatch.setenv("AELEARN_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="AELEARN_BACKEND must be one of"):
+        mmd(X, Y)
+
+
+def test_explicit_request_that_cannot_run_raises_with_every_reason():
+    with pytest.raises(BackendUnavailableError, match="'cuda' .*cannot run this call"):
+        mmd(X, Y, backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="supports float32, float64, not float16"):
+        mmd(X.half(), Y.half(), backend="numba")
+    with aelearn.use_backend("numba"), pytest.raises(BackendUnavailableError, match=r"from use_backend\(\)"):
+        mmd(X.half(), Y.half())
+
+
+def test_automatic_selection_falls_back_and_explain_says_why():
+    # float16 is supported by the reference only: automatic selection falls back to it.
+    value = mmd(X.half(), Y.half(), bandwidths=1.0)
+    assert value.dtype == torch.float16
+    reasons = _registry.explain("mmd", X.device, torch.float16, X, Y, "rbf", (0.5,))
+    assert reasons["reference"] == []
+    assert any("float16" in r for r in reasons["numba"])
+
+
+def test_register_rejects_duplicates_and_unknown_names():
+    impl = _registry.impls("mmd")["reference"]
+    with pytest.raises(ValueError, match="already has a backend"):
+        _registry.register(impl)
+    with pytest.raises(ValueError, match="backend name must be one of"):
+        _registry.register(_registry.Impl(**{**impl.__dict__, "name": "opencl"}))
+    with pytest.raises(KeyError, match="no op named"):
+        _registry.impls("fft")
+
+
+def test_info_command_lists_backends_with_reasons(capsys):
+    assert main(["info"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == info_text() + "\n"
+    assert f"torch {torch.__version__}" in printed
+    for name in _registry.BACKEND_NAMES:
+        assert f"mmd      {name}" in printed
+    completed = run_python("import runpy; runpy.run_module('aelearn', run_name='__main__')")
+    assert completed.returncode == 2 and "info" in completed.stderr
+
+
+def test_pure_python_fallback_warns_once_and_uses_numba():
+    completed = run_python(
+        """
+        import warnings
+        warnings.simplefilter("always")
+        import torch, aelearn
+        from aelearn.ops import mmd, _registry
+        x, y = torch.randn(9, 2), torch.randn(7, 2)
+        assert aelearn.backends()["mmd"]["cpp"].endswith("disabled by AELEARN_NO_EXT=1")
+        assert _registry.select("mmd", x.device, x.dtype, x, y, "rbf", (0.5,)).name == "numba"
+        a = mmd(x, y, bandwidths=1.0)
+        b = mmd(x, y, bandwidths=1.0, backend="reference")
+        assert abs(float(a) - float(b)) < 1e-6
+        mmd(x, y, bandwidths=1.0)
+        """,
+        AELEARN_NO_EXT="1",
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stderr.count("running without its compiled extension") == 1, completed.stderr
+
+
+@pytest.mark.parametrize("backend", ["cpp", "numba"])
+def test_forward_and_backward_stay_memory_linear(backend):
+    """n = m = 12,000: one float32 n×m matrix would be 549 MiB; the fused backends stay far below."""
+    if aelearn.backends()["mmd"][backend] is not None:
+        pytest.skip(f"{backend}: {aelearn.backends()['mmd'][backend]}")
+    completed = run_python(
+        f"""
+        import torch
+        from aelearn.ops import mmd
+        from peak_memory import peak_extra_bytes
+
+        def step(n):
+            x = torch.randn(n, 8, requires_grad=True)
+            y = torch.randn(n, 8, requires_grad=True)
+            mmd(x, y, bandwidths=[1.0, 2.0], backend="{backend}").backward()
+
+        step(64)  # compile and warm up first
+        extra = peak_extra_bytes(lambda: step(12_000))
+        print(extra)
+        assert extra < 128 * 2**20, extra
+        """,
+        PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "benchmarks"),
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
