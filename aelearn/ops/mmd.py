@@ -328,8 +328,8 @@ def _extension_op(name: str):
     return call
 
 
-def _triton_input_reasons(x, y, kernel, params, unbiased) -> list[str]:
-    return _triton_module().input_reasons(x, y, kernel, params, unbiased)
+def _triton_input_reasons(x, y, kernel, params) -> list[str]:
+    return _triton_module().input_reasons(x, y, kernel, params)
 
 
 _registry.register(
