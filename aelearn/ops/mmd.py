@@ -269,8 +269,11 @@ def _cuda_availability() -> str | None:
     reason = _cpp_availability()
     if reason is not None:
         return reason
-    if not _ext.build_info().get("cuda_linked", False):
-        return "the extension was built without CUDA kernels (torch without CUDA, or no nvcc at build time)"
+    info = _ext.build_info()
+    if not info["cuda_compiled"]:
+        return "the extension was built without CUDA kernels (nvcc was not found at build time)"
+    if not info["cuda_linked"]:
+        return "the CUDA kernels were compiled but not linked: the installed torch has no CUDA"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
     return None
@@ -326,10 +329,6 @@ def _extension_op(name: str):
         return getattr(torch.ops.aelearn, name)(*args)
 
     return call
-
-
-def _triton_input_reasons(x, y, kernel, params) -> list[str]:
-    return _triton_module().input_reasons(x, y, kernel, params)
 
 
 _registry.register(
@@ -391,7 +390,6 @@ _registry.register(
         devices=("cuda", "cpu") if _triton_interpreted() else ("cuda",),
         dtypes=_FLOATS,
         availability=_triton_availability,
-        input_reasons=_triton_input_reasons,
         tolerances=TOLERANCES,
     )
 )
