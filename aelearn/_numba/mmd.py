@@ -1,0 +1,619 @@
+"""Numba CPU backend of the fused MMD op.
+
+Two entry points, with the meaning fixed by the backend contract:
+
+* ``mmd_sums(x, y, kernel, params, unbiased)`` -> float64 tensor ``[S_xx, S_yy, S_xy]``.
+* ``mmd_grads(x, y, kernel, params, unbiased, coeff_xx, coeff_yy, coeff_xy)`` -> ``(gx, gy)`` with
+  ``gx = coeff_xx dS_xx/dx + coeff_xy dS_xy/dx`` and ``gy = coeff_yy dS_yy/dy + coeff_xy dS_xy/dy``.
+
+``x`` is ``[n, d]`` and ``y`` is ``[m, d]``, contiguous CPU tensors of one dtype (float32 or float64).
+
+How the radial kernels (rbf, imq) are evaluated:
+
+* The pair space is cut into ``_BLOCK x _BLOCK`` tiles. Each tile computes its dot products with a
+  register-blocked loop nest, turns them into squared distances ``||a||^2 + ||b||^2 - 2 a.b`` (clamped at
+  0) and evaluates every bandwidth from that one distance tile, so no ``n x m`` matrix ever exists.
+* Within-sample sums are symmetric: only tiles with column block >= row block are visited and
+  off-diagonal tiles count twice. The diagonal of a diagonal tile is masked (``r := 0`` when biased, the
+  term dropped when unbiased), never subtracted afterwards.
+* The tiles of all three sums form one task list, so a single parallel loop balances the (triangular)
+  within-sample work and the (square) cross work across threads.
+* Arithmetic inside a tile runs in the input dtype (so float32 uses twice the SIMD lanes); each tile's
+  result is reduced to float64 before it is combined with other tiles.
+* The backward pass recomputes the distance tiles; a tile contributes to the gradient rows of both of
+  its blocks, which different threads may share, so every worker accumulates into its own float64
+  gradient buffer (``n_threads * (n + m) * d`` doubles in all) and the buffers are summed at the end.
+
+The linear kernel needs no tiles: its sums and gradients follow in O((n + m) d) from the column sums.
+"""
+
+import math
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic, overload
+
+__all__ = ["mmd_sums", "mmd_grads"]
+
+# Integer kernel codes passed into the jitted code (the linear kernel never reaches it).
+_RBF = 0
+_IMQ = 1
+_KERNEL_CODES = {"rbf": _RBF, "imq": _IMQ}
+
+# Rows and columns per tile. 64 x 64 keeps the transposed column block (d x 64) and the tile itself in
+# L1/L2 for the usual feature sizes and still gives every thread many tasks for n, m in the thousands.
+_BLOCK = 64
+# Rows of the left operand that `_tile_matmul` streams together; buffers it writes are padded to it.
+_ROW_GROUP = 4
+
+# Fast-math flags for loops whose only licence needed is reordering of sums (vectorised reductions)
+# and fused multiply-add. No nnan/ninf/afn: masking, clamping and the exp range checks must keep
+# IEEE semantics.
+_REDUCE_FLAGS = {"reassoc", "contract", "nsz"}
+# Only FMA contraction: for the exp approximation (reassociation would undo the Cody-Waite split) and
+# the tile products (no reductions to vectorise, so the summation order stays as written).
+_FMA_FLAGS = {"contract"}
+
+
+def _jit(**options):
+    """``numba.njit(cache=True, nogil=True, error_model="numpy", **options)``, minus the cache if impossible.
+
+    error_model="numpy" lets x / 0 follow IEEE instead of raising; the Python-style zero check would put
+    a branch into every division and stop the imq loops from vectorising.
+
+    Numba caches next to the source file, or in the user-wide cache directory when the package is
+    installed read-only; when neither is writable it refuses ``cache=True`` at decoration time, and the
+    function is then compiled per process instead of failing the import.
+    """
+
+    def decorate(function):
+        try:
+            return numba.njit(cache=True, nogil=True, error_model="numpy", **options)(function)
+        except RuntimeError:
+            return numba.njit(cache=False, nogil=True, error_model="numpy", **options)(function)
+
+    return decorate
+
+
+@intrinsic
+def _bits_to_float(typingctx, bits):
+    """Reinterpret the bits of an int32 as float32 or of an int64 as float64 (a free register move)."""
+    if bits == types.int32:
+        result, llvm_type = types.float32, ir.FloatType()
+    elif bits == types.int64:
+        result, llvm_type = types.float64, ir.DoubleType()
+    else:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvm_type)
+
+    return result(bits), codegen
+
+
+def _exp_nonpositive(v):
+    """exp(v) for v <= 0, in the precision of ``v``; only usable from jitted code (see the overload)."""
+    raise NotImplementedError("_exp_nonpositive is implemented for numba only")
+
+
+# Without Intel SVML, LLVM turns math.exp inside a loop into one scalar libm call per element and the
+# loop no longer vectorises. This exp is branch-free arithmetic, so the tile loops vectorise around it.
+# Method: Cody-Waite reduction v = k ln2 + f with |f| <= ln2/2 (ln2 split so that k * hi is exact),
+# Taylor polynomial for exp(f), and 2^k built directly in the exponent bits. Arguments at or below
+# -87 (float32) / -708 (float64) return 0: the true value is below 1.7e-38 / 3.4e-308, negligible next
+# to the kernel's value 1 at r = 0, and 2^k would leave the normal range. The comparisons are written
+# so that a NaN argument falls through to a NaN result instead of being clamped away.
+_F32_LOG2E = np.float32(1.4426950408889634)
+_F32_LN2_HI = np.float32(0.693145751953125)  # 15 significant bits: k * hi is exact for |k| < 512
+_F32_LN2_LO = np.float32(1.428606765330187e-06)
+_F32_MIN_ARG = np.float32(-87.0)  # exp(-87) = 1.6e-38, still normal; k >= -126
+# Degree 7: truncation error (ln2/2)^8 / 8! = 5e-9, below float32 rounding (6e-8).
+_F32_TAYLOR = tuple(np.float32(1.0 / math.factorial(i)) for i in range(8))
+
+_F64_LOG2E = 1.4426950408889634
+_F64_LN2_HI = 6.93147180369123816490e-01  # 32 significant bits: k * hi is exact for |k| < 2^21
+_F64_LN2_LO = 1.90821492927058770002e-10
+_F64_MIN_ARG = -708.0  # exp(-708) = 3.3e-308, still normal; k >= -1021
+# Degree 12: truncation error (ln2/2)^13 / 13! = 1.7e-16, below float64 rounding.
+_F64_TAYLOR = tuple(1.0 / math.factorial(i) for i in range(13))
+
+
+def _exp_f32(v):
+    t = _F32_MIN_ARG if v < _F32_MIN_ARG else v
+    k = np.floor(t * _F32_LOG2E + np.float32(0.5))
+    f = (t - k * _F32_LN2_HI) - k * _F32_LN2_LO
+    c = _F32_TAYLOR
+    p = c[7]
+    p = p * f + c[6]
+    p = p * f + c[5]
+    p = p * f + c[4]
+    p = p * f + c[3]
+    p = p * f + c[2]
+    p = p * f + c[1]
+    p = p * f + c[0]
+    scale = _bits_to_float(np.int32((np.int32(k) + 127) << 23))
+    return np.float32(0.0) if v <= _F32_MIN_ARG else p * scale
+
+
+def _exp_f64(v):
+    t = _F64_MIN_ARG if v < _F64_MIN_ARG else v
+    k = np.floor(t * _F64_LOG2E + 0.5)
+    f = (t - k * _F64_LN2_HI) - k * _F64_LN2_LO
+    c = _F64_TAYLOR
+    p = c[12]
+    p = p * f + c[11]
+    p = p * f + c[10]
+    p = p * f + c[9]
+    p = p * f + c[8]
+    p = p * f + c[7]
+    p = p * f + c[6]
+    p = p * f + c[5]
+    p = p * f + c[4]
+    p = p * f + c[3]
+    p = p * f + c[2]
+    p = p * f + c[1]
+    p = p * f + c[0]
+    scale = _bits_to_float((np.int64(k) + 1023) << 52)
+    return 0.0 if v <= _F64_MIN_ARG else p * scale
+
+
+@overload(_exp_nonpositive, jit_options={"fastmath": _FMA_FLAGS})
+def _exp_nonpositive_impl(v):
+    if v == types.float32:
+        return _exp_f32
+    if v == types.float64:
+        return _exp_f64
+    return None
+
+
+
+@_jit(fastmath=_FMA_FLAGS)
+def _tile_matmul(a, rows, depth, b, width, out):
+    """``out[:rows, :width] = a[:rows, :depth] @ b[:depth, :width]`` for one tile.
+
+    a: ``[>= rows, >= depth]``, any layout (read as scalars only); b: C-contiguous
+    ``[>= depth, >= width]``; out: C-contiguous ``[>= ceil(rows / 4) * 4, >= width]``.
+
+    Register blocking without intrinsics: four rows of ``a`` against four rows of ``b`` per step, so each
+    vector of ``out`` is loaded and stored once per four FMAs (instead of once per FMA, which would make
+    the loop store-bound) and each loaded vector of ``b`` feeds four rows. The innermost loop runs over
+    ``width``, contiguous in ``b`` and ``out``, and vectorises; each output is still summed in depth
+    order. A final partial group of rows re-reads the last row of ``a`` and writes its surplus results
+    into padding rows of ``out``, which keeps one branch-free code path.
+    """
+    last = rows - 1
+    zero = out.dtype.type(0)
+    for i0 in range(0, rows, _ROW_GROUP):
+        i1 = min(i0 + 1, last)
+        i2 = min(i0 + 2, last)
+        i3 = min(i0 + 3, last)
+        for w in range(width):
+            out[i0, w] = zero
+            out[i0 + 1, w] = zero
+            out[i0 + 2, w] = zero
+            out[i0 + 3, w] = zero
+        k = 0
+        while k + 4 <= depth:
+            a00, a01, a02, a03 = a[i0, k], a[i0, k + 1], a[i0, k + 2], a[i0, k + 3]
+            a10, a11, a12, a13 = a[i1, k], a[i1, k + 1], a[i1, k + 2], a[i1, k + 3]
+            a20, a21, a22, a23 = a[i2, k], a[i2, k + 1], a[i2, k + 2], a[i2, k + 3]
+            a30, a31, a32, a33 = a[i3, k], a[i3, k + 1], a[i3, k + 2], a[i3, k + 3]
+            for w in range(width):
+                v0 = b[k, w]
+                v1 = b[k + 1, w]
+                v2 = b[k + 2, w]
+                v3 = b[k + 3, w]
+                out[i0, w] = out[i0, w] + a00 * v0 + a01 * v1 + a02 * v2 + a03 * v3
+                out[i0 + 1, w] = out[i0 + 1, w] + a10 * v0 + a11 * v1 + a12 * v2 + a13 * v3
+                out[i0 + 2, w] = out[i0 + 2, w] + a20 * v0 + a21 * v1 + a22 * v2 + a23 * v3
+                out[i0 + 3, w] = out[i0 + 3, w] + a30 * v0 + a31 * v1 + a32 * v2 + a33 * v3
+            k += 4
+        while k < depth:
+            a0, a1, a2, a3 = a[i0, k], a[i1, k], a[i2, k], a[i3, k]
+            for w in range(width):
+                v = b[k, w]
+                out[i0, w] += a0 * v
+                out[i0 + 1, w] += a1 * v
+                out[i0 + 2, w] += a2 * v
+                out[i0 + 3, w] += a3 * v
+            k += 1
+
+
+@_jit(fastmath=_REDUCE_FLAGS)
+def _distance_tile(a, a_sq, z_panel, z_sq, diagonal, dist):
+    """Squared distances of one tile: ``dist[i, j] = max(||a_i||^2 + ||z_j||^2 - 2 a_i.z_j, 0)``.
+
+    a: ``[rows, d]``, a block of one sample; a_sq: ``[rows]``; z_panel: ``[d, _BLOCK]``, the column block
+    transposed (see `_column_panels`); z_sq: ``[cols]``; dist:
+    ``[>= ceil(rows / 4) * 4, >= cols]``, result in ``dist[:rows, :cols]``. ``diagonal`` marks a
+    diagonal tile of a within-sample sum (a is the z block); there ``dist[i, i]`` is set to exactly 0
+    instead of the expansion's rounding noise of order eps ||a_i||^2. The clamp at 0 removes the
+    negative values that the same cancellation produces for near-duplicate points.
+    """
+    rows, d = a.shape
+    cols = z_sq.shape[0]
+    zero = dist.dtype.type(0)
+    _tile_matmul(a, rows, d, z_panel, cols, dist)
+    for i in range(rows):
+        ai = a_sq[i]
+        for j in range(cols):
+            r = ai + z_sq[j] - (dist[i, j] + dist[i, j])
+            # Written so that NaN (from non-finite inputs) propagates instead of becoming 0.
+            dist[i, j] = zero if r < zero else r
+        if diagonal:
+            dist[i, i] = zero
+
+
+@_jit(fastmath=_REDUCE_FLAGS)
+def _radial_profile(dist, rows, cols, kernel, params, derivative, out):
+    """Sum over bandwidths of the radial profile f(r), or of -f'(r), over one tile of squared distances.
+
+    dist: ``[>= rows, >= cols]``; params: ``[n_params]`` in the tile dtype; out: ``[>= rows, >= cols]``.
+      rbf: f(r) = sum_s exp(-g_s r),     -f'(r) = sum_s g_s exp(-g_s r)
+      imq: f(r) = sum_s c_s / (c_s + r), -f'(r) = sum_s c_s / (c_s + r)^2
+    All bandwidths reuse the one distance tile. The bandwidth loop sits outside the column loop so that
+    the innermost loop is a plain vectorisable stream over one row.
+    """
+    zero = out.dtype.type(0)
+    for i in range(rows):
+        r_row = dist[i]
+        o_row = out[i]
+        for j in range(cols):
+            o_row[j] = zero
+        for s in range(params.shape[0]):
+            p = params[s]
+            if kernel == _RBF:
+                if derivative:
+                    for j in range(cols):
+                        o_row[j] += p * _exp_nonpositive(-(p * r_row[j]))
+                else:
+                    for j in range(cols):
+                        o_row[j] += _exp_nonpositive(-(p * r_row[j]))
+            elif derivative:
+                for j in range(cols):
+                    q = p + r_row[j]
+                    o_row[j] += p / (q * q)
+            else:
+                for j in range(cols):
+                    o_row[j] += p / (p + r_row[j])
+
+
+@_jit(fastmath=_REDUCE_FLAGS)
+def _squared_norms(a):
+    """``||a_i||^2`` for a: ``[rows, d]``, accumulated in float64, returned ``[rows]`` in the dtype of a."""
+    out = np.empty(a.shape[0], a.dtype)
+    for i in range(a.shape[0]):
+        acc = 0.0
+        for k in range(a.shape[1]):
+            v = np.float64(a[i, k])
+            acc += v * v
+        out[i] = acc
+    return out
+
+
+@_jit(fastmath=_REDUCE_FLAGS)
+def _column_panels(a):
+    """Pack a: ``[rows, d]`` into panels ``[n_blocks, d, _BLOCK]``, ``out[b, k, j] = a[b * _BLOCK + j, k]``.
+
+    The distance product of a tile needs its column block transposed. Packing every block once into a
+    contiguous ``d x _BLOCK`` panel keeps the tile's operand in a few pages and spread over all cache
+    sets; slicing one big transposed copy instead would put its rows a power-of-two stride apart (for
+    n = 4096: 16 KiB), all in the same L1 set, and triple the tile time. n_blocks = ceil(rows / _BLOCK);
+    padding columns are 0.
+    """
+    rows, d = a.shape
+    n_panels = -(-rows // _BLOCK)
+    out = np.zeros((n_panels, d, _BLOCK), a.dtype)
+    for i in range(rows):
+        panel = out[i // _BLOCK]
+        col = i % _BLOCK
+        for k in range(d):
+            panel[k, col] = a[i, k]
+    return out
+
+
+@_jit(fastmath=_REDUCE_FLAGS)
+def _task_operands(task, x, y, x_panels, y_panels, x_sq, y_sq):
+    """Operands of one tile task ``(kind, row_block, col_block)``; kind 0: x-x, 1: y-y, 2: x-y.
+
+    x_panels, y_panels: the samples packed by `_column_panels`; x_sq: ``[n]``, y_sq: ``[m]``: squared
+    norms. Returns the row block ``[rows, d]`` of the left sample and its squared norms, the column
+    block ``[cols, d]`` of the right sample, its panel ``[d, _BLOCK]`` and its squared norms ``[cols]``,
+    the index of each block's first row in the stacked ``[x; y]`` gradient layout, and whether the tile
+    lies on the diagonal of a within-sample sum.
+    """
+    kind = task[0]
+    n = x.shape[0]
+    left, left_sq, left_offset = (y, y_sq, n) if kind == 1 else (x, x_sq, 0)
+    right, right_panels, right_sq, right_offset = (
+        (x, x_panels, x_sq, 0) if kind == 0 else (y, y_panels, y_sq, n)
+    )
+    i0 = task[1] * _BLOCK
+    i1 = min(i0 + _BLOCK, left.shape[0])
+    j0 = task[2] * _BLOCK
+    j1 = min(j0 + _BLOCK, right.shape[0])
+    diagonal = kind != 2 and task[1] == task[2]
+    return (
+        left[i0:i1],
+        left_sq[i0:i1],
+        right[j0:j1],
+        right_panels[task[2]],
+        right_sq[j0:j1],
+        left_offset + i0,
+        right_offset + j0,
+        diagonal,
+    )
+
+
+@_jit(parallel=True, fastmath=_REDUCE_FLAGS)
+def _radial_sums(x, y, kernel, params, unbiased, tasks):
+    """``[S_xx, S_yy, S_xy]`` (float64 ``[3]``) of a radial kernel.
+
+    x: ``[n, d]``, y: ``[m, d]``; params: float64 ``[n_params]``; tasks: int64 ``[n_tasks, 3]`` rows
+    ``(kind, row_block, col_block)`` covering the upper block triangle of x-x and y-y and all of x-y.
+    Each task's float64 partial sum is stored separately and the partials are combined serially, so
+    the result does not depend on the number of threads.
+    """
+    dtype = x.dtype
+    d = x.shape[1]
+    tile_params = params.astype(dtype)
+    x_sq = _squared_norms(x)
+    y_sq = _squared_norms(y)
+    x_panels = _column_panels(x)
+    y_panels = _column_panels(y)
+    n_tasks = tasks.shape[0]
+    partial = np.empty(n_tasks)
+    for t in prange(n_tasks):
+        a, a_sq, _, z_panel, z_sq, _, _, diagonal = _task_operands(
+            tasks[t], x, y, x_panels, y_panels, x_sq, y_sq
+        )
+        rows = a.shape[0]
+        cols = z_sq.shape[0]
+        dist = np.empty((_BLOCK, _BLOCK), dtype)
+        values = np.empty((_BLOCK, _BLOCK), dtype)
+        _distance_tile(a, a_sq, z_panel, z_sq, diagonal, dist)
+        _radial_profile(dist, rows, cols, kernel, tile_params, False, values)
+        tile_sum = 0.0
+        for i in range(rows):
+            row = values[i]
+            if diagonal and unbiased:
+                row[i] = dtype.type(0)
+            # Tile dtype within one row of at most _BLOCK terms, float64 across rows and tiles.
+            row_sum = dtype.type(0)
+            for j in range(cols):
+                row_sum += row[j]
+            tile_sum += np.float64(row_sum)
+        # An off-diagonal within-sample tile also stands for its mirror image.
+        partial[t] = tile_sum if (tasks[t, 0] == 2 or diagonal) else 2.0 * tile_sum
+    sums = np.zeros(3)
+    for t in range(n_tasks):
+        sums[tasks[t, 0]] += partial[t]
+    return sums
+
+
+@_jit(fastmath=_REDUCE_FLAGS)
+def _weight_sums(weights, rows, cols, row_sums, col_sums):
+    """Row and column sums of ``weights[:rows, :cols]`` into ``row_sums[:rows]``, ``col_sums[:cols]``.
+
+    Tile dtype; the column sums accumulate whole rows at a time so that the loop stays contiguous.
+    """
+    zero = weights.dtype.type(0)
+    for j in range(cols):
+        col_sums[j] = zero
+    for i in range(rows):
+        acc = zero
+        for j in range(cols):
+            w = weights[i, j]
+            acc += w
+            col_sums[j] += w
+        row_sums[i] = acc
+
+
+@_jit(fastmath=_REDUCE_FLAGS)
+def _accumulate_gradient(points, weight_sums, weighted_partners, scale, grad):
+    """``grad[i] += scale * (weight_sums[i] * points[i] - weighted_partners[i])``, in float64.
+
+    points: ``[rows, d]``; weight_sums: ``[>= rows]``; weighted_partners: ``[>= rows, d]``; grad: float64
+    ``[rows, d]``. Combining the two terms per tile in float64 keeps their partial cancellation out of
+    the tile dtype.
+    """
+    for i in range(points.shape[0]):
+        wsum = np.float64(weight_sums[i])
+        for k in range(points.shape[1]):
+            grad[i, k] += scale * (wsum * np.float64(points[i, k]) - np.float64(weighted_partners[i, k]))
+
+
+@_jit(parallel=True, fastmath=_REDUCE_FLAGS)
+def _radial_grads(x, y, kernel, params, coeffs, tasks, chunk_bounds):
+    """Gradients ``(gx, gy)``, in the dtype of x, of ``sum_kind coeffs[kind] * S_kind`` for a radial kernel.
+
+    x: ``[n, d]``, y: ``[m, d]``; params: float64 ``[n_params]``; coeffs: float64 ``[3]`` (xx, yy, xy);
+    tasks: int64 ``[n_tasks, 3]`` as in `_radial_sums` (only kinds with a nonzero coefficient);
+    chunk_bounds: int64 ``[n_chunks + 1]``, task ranges of about equal cost, one per worker.
+
+    With w_ij = -f'(r_ij) (>= 0 for rbf and imq) and d/da k(a, z) = 2 f'(r) (a - z), a tile adds
+    ``-2 c (a_i sum_j w_ij - sum_j w_ij z_j)`` to the gradient of a_i and the mirror expression to that of
+    z_j, where c is the kind's coefficient, doubled for within-sample sums (k(a, b) and k(b, a) both
+    appear in S_xx). ``sum_j w_ij z_j`` is a small matrix product per tile. The diagonal pair contributes
+    nothing and is masked to 0 rather than computed and cancelled. A tile writes gradient rows of both
+    of its blocks, which other workers' tiles also write, so worker c accumulates into its own float64
+    buffer ``grad[c]`` (rows of x, then rows of y) and the buffers are summed at the end.
+    The unbiased and biased estimators share the gradient, as the masked term is 0 either way.
+    """
+    dtype = x.dtype
+    n, d = x.shape
+    m = y.shape[0]
+    tile_params = params.astype(dtype)
+    x_sq = _squared_norms(x)
+    y_sq = _squared_norms(y)
+    x_panels = _column_panels(x)
+    y_panels = _column_panels(y)
+    n_chunks = chunk_bounds.shape[0] - 1
+    grad = np.zeros((n_chunks, n + m, d))
+    for c in prange(n_chunks):
+        dist = np.empty((_BLOCK, _BLOCK), dtype)
+        weights = np.empty((_BLOCK, _BLOCK), dtype)
+        partners = np.empty((_BLOCK, d), dtype)
+        row_sums = np.empty(_BLOCK, dtype)
+        col_sums = np.empty(_BLOCK, dtype)
+        for t in range(chunk_bounds[c], chunk_bounds[c + 1]):
+            a, a_sq, z, z_panel, z_sq, a_row, z_row, diagonal = _task_operands(
+                tasks[t], x, y, x_panels, y_panels, x_sq, y_sq
+            )
+            kind = tasks[t, 0]
+            rows = a.shape[0]
+            cols = z.shape[0]
+            scale = -2.0 * coeffs[kind] if kind == 2 else -4.0 * coeffs[kind]
+            _distance_tile(a, a_sq, z_panel, z_sq, diagonal, dist)
+            _radial_profile(dist, rows, cols, kernel, tile_params, True, weights)
+            if diagonal:
+                for i in range(rows):
+                    weights[i, i] = dtype.type(0)
+            _weight_sums(weights, rows, cols, row_sums, col_sums)
+            # Rows of the left block: sum_j w_ij z_j.
+            _tile_matmul(weights, rows, cols, z, d, partners)
+            _accumulate_gradient(a, row_sums, partners, scale, grad[c, a_row : a_row + rows])
+            if not diagonal:
+                # Rows of the right block: the same pairs, sum_i w_ij a_i, through a transposed view.
+                _tile_matmul(weights.T, cols, rows, a, d, partners)
+                _accumulate_gradient(z, col_sums, partners, scale, grad[c, z_row : z_row + cols])
+    gx = np.empty((n, d), dtype)
+    gy = np.empty((m, d), dtype)
+    for i in prange(n + m):
+        for k in range(d):
+            total = 0.0
+            for c in range(n_chunks):
+                total += grad[c, i, k]
+            if i < n:
+                gx[i, k] = total
+            else:
+                gy[i - n, k] = total
+    return gx, gy
+
+
+def _tile_tasks(n, m, with_xx, with_yy, with_xy):
+    """Tile tasks ``[n_tasks, 3]`` int64 rows ``(kind, row_block, col_block)`` for the requested sums.
+
+    Within-sample sums (kinds 0: x-x, 1: y-y) take the block upper triangle only; the cross sum (kind
+    2: x-y) takes every block pair. Tasks are ordered by kind, then row block, so consecutive tasks of
+    a worker reuse the same left block.
+    """
+    parts = []
+    for kind, count, wanted in ((0, n, with_xx), (1, m, with_yy)):
+        if wanted:
+            rows, cols = np.triu_indices(-(-count // _BLOCK))
+            parts.append(np.stack([np.full_like(rows, kind), rows, cols], axis=1))
+    if with_xy:
+        rows, cols = np.divmod(np.arange(-(-n // _BLOCK) * -(-m // _BLOCK)), -(-m // _BLOCK))
+        parts.append(np.stack([np.full_like(rows, 2), rows, cols], axis=1))
+    if not parts:
+        return np.empty((0, 3), np.int64)
+    return np.ascontiguousarray(np.concatenate(parts).astype(np.int64))
+
+
+def _chunk_bounds(tasks, n, m, n_chunks):
+    """Split ``tasks`` into ``n_chunks`` contiguous ranges of about equal backward cost, ``[n_chunks + 1]``.
+
+    A task costs about rows * cols * (2 + 1 if it also updates its column block): one matrix product for
+    the distances, one per gradient side, with the kernel evaluation roughly proportional as well.
+    """
+    kinds, row_blocks, col_blocks = tasks[:, 0], tasks[:, 1], tasks[:, 2]
+    left_size = np.where(kinds == 1, m, n)
+    right_size = np.where(kinds == 0, n, m)
+    rows = np.minimum(_BLOCK, left_size - row_blocks * _BLOCK)
+    cols = np.minimum(_BLOCK, right_size - col_blocks * _BLOCK)
+    two_sided = (kinds == 2) | (row_blocks != col_blocks)
+    cumulative = np.concatenate([[0], np.cumsum(rows * cols * (2 + two_sided))])
+    targets = cumulative[-1] * np.arange(n_chunks + 1) / n_chunks
+    bounds = np.searchsorted(cumulative, targets, side="left")
+    bounds[-1] = len(tasks)
+    return bounds.astype(np.int64)
+
+
+def _column_sums(a):
+    """sum_i a_i in float64 for a: ``[rows, d]`` -> ``[d]``.
+
+    Reduced along contiguous float64 rows so that numpy sums pairwise (error O(log rows) ulp instead of
+    O(rows) for the row-by-row accumulation of ``a.sum(axis=0)``): centred samples make these sums small
+    next to their terms.
+    """
+    return np.ascontiguousarray(a.T, dtype=np.float64).sum(axis=1)
+
+
+def _linear_sums(xa, ya, unbiased):
+    """``[S_xx, S_yy, S_xy]`` for k(a, b) = a.b; xa: ``[n, d]``, ya: ``[m, d]`` numpy arrays.
+
+    sum_ij x_i.y_j = (sum_i x_i).(sum_j y_j), so no pair is ever formed: O((n + m) d) in float64. The
+    unbiased within-sample sums subtract sum_i ||x_i||^2 from the closed form; there are no per-pair
+    terms here whose diagonal could be masked instead.
+    """
+    x_sum = _column_sums(xa)
+    y_sum = _column_sums(ya)
+    s_xx = x_sum @ x_sum
+    s_yy = y_sum @ y_sum
+    if unbiased:
+        s_xx -= np.einsum("ij,ij->", xa, xa, dtype=np.float64)
+        s_yy -= np.einsum("ij,ij->", ya, ya, dtype=np.float64)
+    return np.array([s_xx, s_yy, x_sum @ y_sum])
+
+
+def _linear_grads(xa, ya, unbiased, coeff_xx, coeff_yy, coeff_xy):
+    """Gradients ``(gx [n, d], gy [m, d])`` for the linear kernel, in the dtype of the inputs.
+
+    d/dx_i S_xx = 2 sum_{j (!= i if unbiased)} x_j and d/dx_i S_xy = sum_j y_j, all in float64.
+    """
+    x_sum = _column_sums(xa)
+    y_sum = _column_sums(ya)
+    gx = np.broadcast_to(2.0 * coeff_xx * x_sum + coeff_xy * y_sum, xa.shape)
+    gy = np.broadcast_to(2.0 * coeff_yy * y_sum + coeff_xy * x_sum, ya.shape)
+    if unbiased:
+        gx = gx - (2.0 * coeff_xx) * xa.astype(np.float64)
+        gy = gy - (2.0 * coeff_yy) * ya.astype(np.float64)
+    return gx.astype(xa.dtype), gy.astype(ya.dtype)
+
+
+def _kernel_code(kernel):
+    """Integer code of a radial kernel name (see `_KERNEL_CODES`); ValueError for any other name."""
+    if kernel not in _KERNEL_CODES:
+        raise ValueError(f"unknown kernel {kernel!r}; expected 'rbf', 'imq' or 'linear'")
+    return _KERNEL_CODES[kernel]
+
+
+def mmd_sums(x, y, kernel, params, unbiased):
+    """Kernel sums ``[S_xx, S_yy, S_xy]`` as a float64 CPU tensor of shape ``[3]``.
+
+    x: ``[n, d]``, y: ``[m, d]``, contiguous CPU tensors of one dtype (float32 or float64); kernel:
+    "rbf", "imq" or "linear"; params: bandwidths (floats; empty for linear); unbiased: drop the i == j
+    terms of S_xx and S_yy.
+    """
+    xa = x.detach().numpy()
+    ya = y.detach().numpy()
+    if kernel == "linear":
+        return torch.from_numpy(_linear_sums(xa, ya, unbiased))
+    code = _kernel_code(kernel)
+    tasks = _tile_tasks(xa.shape[0], ya.shape[0], True, True, True)
+    sums = _radial_sums(xa, ya, code, np.asarray(params, dtype=np.float64), bool(unbiased), tasks)
+    return torch.from_numpy(sums)
+
+
+def mmd_grads(x, y, kernel, params, unbiased, coeff_xx, coeff_yy, coeff_xy):
+    """Gradients ``(gx, gy)`` of ``coeff_xx S_xx + coeff_yy S_yy + coeff_xy S_xy``.
+
+    x: ``[n, d]``, y: ``[m, d]`` as in `mmd_sums`; the coefficients are Python floats. Returns CPU
+    tensors of the shapes and dtype of x and y. Kinds whose coefficient is 0 are skipped.
+    """
+    xa = x.detach().numpy()
+    ya = y.detach().numpy()
+    if kernel == "linear":
+        gx, gy = _linear_grads(xa, ya, unbiased, coeff_xx, coeff_yy, coeff_xy)
+        return torch.from_numpy(gx), torch.from_numpy(gy)
+    code = _kernel_code(kernel)
+    n, m = xa.shape[0], ya.shape[0]
+    tasks = _tile_tasks(n, m, coeff_xx != 0.0, coeff_yy != 0.0, coeff_xy != 0.0)
+    bounds = _chunk_bounds(tasks, n, m, numba.get_num_threads())
+    coeffs = np.array([coeff_xx, coeff_yy, coeff_xy], dtype=np.float64)
+    gx, gy = _radial_grads(xa, ya, code, np.asarray(params, dtype=np.float64), coeffs, tasks, bounds)
+    return torch.from_numpy(gx), torch.from_numpy(gy)
