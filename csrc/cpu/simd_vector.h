@@ -1,0 +1,110 @@
+// Fixed-width SIMD vectors for the CPU kernels, written with the GCC/Clang vector extensions.
+//
+// Why vector extensions rather than plain loops or intrinsics: the register-tiled kernels need
+// their accumulators to stay in registers and their exponentials to be vectorised, which plain
+// loops only get from the auto-vectoriser by luck (and never for exp without -ffast-math);
+// intrinsics would tie the code to one instruction set. Vector extensions are compiled to
+// AVX-512, AVX2, SSE or NEON by the target flags (the extension is built with -march=native),
+// from one source; only simd_exp.h adds an AVX-512 specialisation, for two instructions that have
+// no portable spelling. GCC and Clang only.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+namespace aelearn::simd {
+
+// Width of one hardware vector register and how many of them there are: they size the register
+// tiles of the kernels.
+#if defined(__AVX512F__)
+inline constexpr int kVectorBytes = 64;
+inline constexpr int kVectorRegisters = 32;
+#elif defined(__AVX__)
+inline constexpr int kVectorBytes = 32;
+inline constexpr int kVectorRegisters = 16;
+#elif defined(__aarch64__)
+inline constexpr int kVectorBytes = 16;
+inline constexpr int kVectorRegisters = 32;
+#else
+inline constexpr int kVectorBytes = 16;
+inline constexpr int kVectorRegisters = 16;
+#endif
+
+template <typename T>
+struct VectorOf;
+
+template <>
+struct VectorOf<float> {
+  typedef float type __attribute__((vector_size(kVectorBytes)));
+  // Same-width integer lanes: the type of comparison results and of the bit patterns.
+  typedef std::int32_t bits __attribute__((vector_size(kVectorBytes)));
+  typedef std::int32_t lane_integer;
+};
+
+template <>
+struct VectorOf<double> {
+  typedef double type __attribute__((vector_size(kVectorBytes)));
+  typedef std::int64_t bits __attribute__((vector_size(kVectorBytes)));
+  typedef std::int64_t lane_integer;
+};
+
+template <typename T>
+using Vec = typename VectorOf<T>::type;
+template <typename T>
+using VecBits = typename VectorOf<T>::bits;
+template <typename T>
+using LaneInteger = typename VectorOf<T>::lane_integer;
+
+template <typename T>
+inline constexpr int kLanes = kVectorBytes / static_cast<int>(sizeof(T));
+
+// Unaligned load and store (memcpy compiles to a single vector move).
+template <typename T>
+inline Vec<T> load(const T* source) {
+  Vec<T> value;
+  std::memcpy(&value, source, sizeof(value));
+  return value;
+}
+
+template <typename T>
+inline void store(T* destination, Vec<T> value) {
+  std::memcpy(destination, &value, sizeof(value));
+}
+
+// All lanes equal to `scalar`. Written as an initializer of identical elements, which the compiler
+// always turns into one broadcast (or folds into an FMA's memory operand); a lane loop may be
+// vectorised into partial stores and reloads, and `Vec{} + scalar` would add a real 0.0.
+template <typename T, std::size_t... kLane>
+inline Vec<T> splat_lanes(T scalar, std::index_sequence<kLane...>) {
+  return Vec<T>{((void)kLane, scalar)...};
+}
+
+template <typename T>
+inline Vec<T> splat(T scalar) {
+  return splat_lanes<T>(scalar, std::make_index_sequence<kLanes<T>>{});
+}
+
+// Lane numbers 0, 1, ..., kLanes - 1 as integers of the lane width (for index masks).
+template <typename T>
+inline VecBits<T> lane_indices() {
+  VecBits<T> value;
+  for (int lane = 0; lane < kLanes<T>; ++lane) value[lane] = lane;
+  return value;
+}
+
+// Lanes where `keep` is false become +0.0.
+template <typename T>
+inline Vec<T> keep_or_zero(VecBits<T> keep, Vec<T> value) {
+  return reinterpret_cast<Vec<T>>(reinterpret_cast<VecBits<T>>(value) & keep);
+}
+
+// Sum of the lanes, accumulated in double.
+template <typename T>
+inline double sum_lanes(Vec<T> value) {
+  double total = 0.0;
+  for (int lane = 0; lane < kLanes<T>; ++lane) total += static_cast<double>(value[lane]);
+  return total;
+}
+
+}  // namespace aelearn::simd
