@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from typing import Callable
 
 import torch
@@ -29,6 +31,9 @@ def peak_extra_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
+    # Memory freed earlier but kept by malloc would be reused without raising the resident set,
+    # hiding the call's needs: hand it back to the system first.
+    ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # resets VmHWM to the current RSS

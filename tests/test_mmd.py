@@ -191,7 +191,7 @@ def test_loss_module_and_prior_penalty_train():
     first = None
     for _ in range(30):
         loss = mmd_to_prior(z, generator=g)
-        first = first if first is not None else float(loss)
+        first = first if first is not None else float(loss.detach())
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
