@@ -20,9 +20,9 @@ How the radial kernels (rbf, imq) are evaluated:
   within-sample work and the (square) cross work across threads.
 * Arithmetic inside a tile runs in the input dtype (so float32 uses twice the SIMD lanes); each tile's
   result is reduced to float64 before it is combined with other tiles.
-* The backward pass recomputes the distance tiles; a tile contributes to the gradient rows of both of
-  its blocks, which different threads may share, so every worker accumulates into its own float64
-  gradient buffer (``n_threads * (n + m) * d`` doubles in all) and the buffers are summed at the end.
+* The backward pass recomputes the distance tiles. Each parallel iteration owns one block of gradient
+  rows and walks every column block of both samples, accumulating in float64; no row is shared between
+  threads, so the extra memory is O((n + m) d) whatever the thread count.
 
 The linear kernel needs no tiles: its sums and gradients follow in O((n + m) d) from the column sums.
 """
@@ -321,31 +321,18 @@ def _task_operands(task, x, y, x_panels, y_panels, x_sq, y_sq):
 
     x_panels, y_panels: the samples packed by `_column_panels`; x_sq: ``[n]``, y_sq: ``[m]``: squared
     norms. Returns the row block ``[rows, d]`` of the left sample and its squared norms, the column
-    block ``[cols, d]`` of the right sample, its panel ``[d, _BLOCK]`` and its squared norms ``[cols]``,
-    the index of each block's first row in the stacked ``[x; y]`` gradient layout, and whether the tile
+    block's panel ``[d, _BLOCK]`` and squared norms ``[cols]`` of the right sample, and whether the tile
     lies on the diagonal of a within-sample sum.
     """
     kind = task[0]
-    n = x.shape[0]
-    left, left_sq, left_offset = (y, y_sq, n) if kind == 1 else (x, x_sq, 0)
-    right, right_panels, right_sq, right_offset = (
-        (x, x_panels, x_sq, 0) if kind == 0 else (y, y_panels, y_sq, n)
-    )
+    left, left_sq = (y, y_sq) if kind == 1 else (x, x_sq)
+    right, right_panels, right_sq = (x, x_panels, x_sq) if kind == 0 else (y, y_panels, y_sq)
     i0 = task[1] * _BLOCK
     i1 = min(i0 + _BLOCK, left.shape[0])
     j0 = task[2] * _BLOCK
     j1 = min(j0 + _BLOCK, right.shape[0])
     diagonal = kind != 2 and task[1] == task[2]
-    return (
-        left[i0:i1],
-        left_sq[i0:i1],
-        right[j0:j1],
-        right_panels[task[2]],
-        right_sq[j0:j1],
-        left_offset + i0,
-        right_offset + j0,
-        diagonal,
-    )
+    return left[i0:i1], left_sq[i0:i1], right_panels[task[2]], right_sq[j0:j1], diagonal
 
 
 @_jit(parallel=True, fastmath=_REDUCE_FLAGS)
@@ -367,9 +354,7 @@ def _radial_sums(x, y, kernel, params, unbiased, tasks):
     n_tasks = tasks.shape[0]
     partial = np.empty(n_tasks)
     for t in prange(n_tasks):
-        a, a_sq, _, z_panel, z_sq, _, _, diagonal = _task_operands(
-            tasks[t], x, y, x_panels, y_panels, x_sq, y_sq
-        )
+        a, a_sq, z_panel, z_sq, diagonal = _task_operands(tasks[t], x, y, x_panels, y_panels, x_sq, y_sq)
         rows = a.shape[0]
         cols = z_sq.shape[0]
         dist = np.empty((_BLOCK, _BLOCK), dtype)
@@ -395,20 +380,12 @@ def _radial_sums(x, y, kernel, params, unbiased, tasks):
 
 
 @_jit(fastmath=_REDUCE_FLAGS)
-def _weight_sums(weights, rows, cols, row_sums, col_sums):
-    """Row and column sums of ``weights[:rows, :cols]`` into ``row_sums[:rows]``, ``col_sums[:cols]``.
-
-    Tile dtype; the column sums accumulate whole rows at a time so that the loop stays contiguous.
-    """
-    zero = weights.dtype.type(0)
-    for j in range(cols):
-        col_sums[j] = zero
+def _weight_row_sums(weights, rows, cols, row_sums):
+    """``row_sums[i] = sum_j weights[i, j]`` over ``weights[:rows, :cols]``, in the tile dtype."""
     for i in range(rows):
-        acc = zero
+        acc = weights.dtype.type(0)
         for j in range(cols):
-            w = weights[i, j]
-            acc += w
-            col_sums[j] += w
+            acc += weights[i, j]
         row_sums[i] = acc
 
 
@@ -427,21 +404,20 @@ def _accumulate_gradient(points, weight_sums, weighted_partners, scale, grad):
 
 
 @_jit(parallel=True, fastmath=_REDUCE_FLAGS)
-def _radial_grads(x, y, kernel, params, coeffs, tasks, chunk_bounds):
+def _radial_grads(x, y, kernel, params, coeffs):
     """Gradients ``(gx, gy)``, in the dtype of x, of ``sum_kind coeffs[kind] * S_kind`` for a radial kernel.
 
-    x: ``[n, d]``, y: ``[m, d]``; params: float64 ``[n_params]``; coeffs: float64 ``[3]`` (xx, yy, xy);
-    tasks: int64 ``[n_tasks, 3]`` as in `_radial_sums` (only kinds with a nonzero coefficient);
-    chunk_bounds: int64 ``[n_chunks + 1]``, task ranges of about equal cost, one per worker.
+    x: ``[n, d]``, y: ``[m, d]``; params: float64 ``[n_params]``; coeffs: float64 ``[3]`` (xx, yy, xy).
 
-    With w_ij = -f'(r_ij) (>= 0 for rbf and imq) and d/da k(a, z) = 2 f'(r) (a - z), a tile adds
-    ``-2 c (a_i sum_j w_ij - sum_j w_ij z_j)`` to the gradient of a_i and the mirror expression to that of
-    z_j, where c is the kind's coefficient, doubled for within-sample sums (k(a, b) and k(b, a) both
-    appear in S_xx). ``sum_j w_ij z_j`` is a small matrix product per tile. The diagonal pair contributes
-    nothing and is masked to 0 rather than computed and cancelled. A tile writes gradient rows of both
-    of its blocks, which other workers' tiles also write, so worker c accumulates into its own float64
-    buffer ``grad[c]`` (rows of x, then rows of y) and the buffers are summed at the end.
-    The unbiased and biased estimators share the gradient, as the masked term is 0 either way.
+    With w_ij = -f'(r_ij) (>= 0 for rbf and imq) and d/da k(a, z) = 2 f'(r) (a - z), row a_i of a sample
+    gets ``-2 c sum_j w_ij (a_i - z_j) = -2 c (a_i sum_j w_ij - sum_j w_ij z_j)`` from every column block
+    z of both samples, where c is the sum's coefficient, doubled for the own sample (k(a, b) and k(b, a)
+    both appear in S_xx). ``sum_j w_ij z_j`` is a small matrix product per tile. The diagonal pair
+    contributes nothing and is masked to 0 rather than computed and cancelled, so the unbiased and biased
+    estimators share the gradient. Each parallel iteration owns one block of output rows and walks all
+    column blocks, accumulating in a float64 ``[_BLOCK, d]`` buffer: no two threads write the same row,
+    so the extra memory is independent of the thread count (the price: the symmetric pairs of S_xx and
+    S_yy are evaluated from both sides). Kinds with a zero coefficient are skipped.
     """
     dtype = x.dtype
     n, d = x.shape
@@ -451,86 +427,69 @@ def _radial_grads(x, y, kernel, params, coeffs, tasks, chunk_bounds):
     y_sq = _squared_norms(y)
     x_panels = _column_panels(x)
     y_panels = _column_panels(y)
-    n_chunks = chunk_bounds.shape[0] - 1
-    grad = np.zeros((n_chunks, n + m, d))
-    for c in prange(n_chunks):
+    x_blocks = -(-n // _BLOCK)
+    gx = np.empty((n, d), dtype)
+    gy = np.empty((m, d), dtype)
+    for block in prange(x_blocks + -(-m // _BLOCK)):
         dist = np.empty((_BLOCK, _BLOCK), dtype)
         weights = np.empty((_BLOCK, _BLOCK), dtype)
         partners = np.empty((_BLOCK, d), dtype)
         row_sums = np.empty(_BLOCK, dtype)
-        col_sums = np.empty(_BLOCK, dtype)
-        for t in range(chunk_bounds[c], chunk_bounds[c + 1]):
-            a, a_sq, z, z_panel, z_sq, a_row, z_row, diagonal = _task_operands(
-                tasks[t], x, y, x_panels, y_panels, x_sq, y_sq
-            )
-            kind = tasks[t, 0]
-            rows = a.shape[0]
-            cols = z.shape[0]
-            scale = -2.0 * coeffs[kind] if kind == 2 else -4.0 * coeffs[kind]
-            _distance_tile(a, a_sq, z_panel, z_sq, diagonal, dist)
-            _radial_profile(dist, rows, cols, kernel, tile_params, True, weights)
-            if diagonal:
-                for i in range(rows):
-                    weights[i, i] = dtype.type(0)
-            _weight_sums(weights, rows, cols, row_sums, col_sums)
-            # Rows of the left block: sum_j w_ij z_j.
-            _tile_matmul(weights, rows, cols, z, d, partners)
-            _accumulate_gradient(a, row_sums, partners, scale, grad[c, a_row : a_row + rows])
-            if not diagonal:
-                # Rows of the right block: the same pairs, sum_i w_ij a_i, through a transposed view.
-                _tile_matmul(weights.T, cols, rows, a, d, partners)
-                _accumulate_gradient(z, col_sums, partners, scale, grad[c, z_row : z_row + cols])
-    gx = np.empty((n, d), dtype)
-    gy = np.empty((m, d), dtype)
-    for i in prange(n + m):
-        for k in range(d):
-            total = 0.0
-            for c in range(n_chunks):
-                total += grad[c, i, k]
-            if i < n:
-                gx[i, k] = total
-            else:
-                gy[i - n, k] = total
+        # prange indices may be unsigned; mixing them with signed ints would promote to float64.
+        own_block = np.int64(block)
+        if own_block < x_blocks:
+            own, own_sq, own_panels, other, other_sq, other_panels = x, x_sq, x_panels, y, y_sq, y_panels
+            own_coeff, out = coeffs[0], gx
+        else:
+            own, own_sq, own_panels, other, other_sq, other_panels = y, y_sq, y_panels, x, x_sq, x_panels
+            own_block -= x_blocks
+            own_coeff, out = coeffs[1], gy
+        i0 = own_block * _BLOCK
+        i1 = min(i0 + _BLOCK, own.shape[0])
+        rows = i1 - i0
+        a = own[i0:i1]
+        a_sq = own_sq[i0:i1]
+        grad = np.zeros((rows, d))
+        for side in range(2):
+            same = side == 0
+            coeff = own_coeff if same else coeffs[2]
+            if coeff == 0.0:
+                continue
+            z_all, z_sq_all, z_panels = (own, own_sq, own_panels) if same else (other, other_sq, other_panels)
+            scale = -4.0 * coeff if same else -2.0 * coeff
+            for col_block in range(z_panels.shape[0]):
+                j0 = col_block * _BLOCK
+                j1 = min(j0 + _BLOCK, z_all.shape[0])
+                cols = j1 - j0
+                diagonal = same and col_block == own_block
+                _distance_tile(a, a_sq, z_panels[col_block], z_sq_all[j0:j1], diagonal, dist)
+                _radial_profile(dist, rows, cols, kernel, tile_params, True, weights)
+                if diagonal:
+                    for i in range(rows):
+                        weights[i, i] = dtype.type(0)
+                _weight_row_sums(weights, rows, cols, row_sums)
+                _tile_matmul(weights, rows, cols, z_all[j0:j1], d, partners)
+                _accumulate_gradient(a, row_sums, partners, scale, grad)
+        for i in range(rows):
+            for k in range(d):
+                out[i0 + i, k] = grad[i, k]
     return gx, gy
 
 
-def _tile_tasks(n, m, with_xx, with_yy, with_xy):
-    """Tile tasks ``[n_tasks, 3]`` int64 rows ``(kind, row_block, col_block)`` for the requested sums.
+def _tile_tasks(n, m):
+    """Tile tasks ``[n_tasks, 3]`` int64 rows ``(kind, row_block, col_block)`` of the three sums.
 
     Within-sample sums (kinds 0: x-x, 1: y-y) take the block upper triangle only; the cross sum (kind
     2: x-y) takes every block pair. Tasks are ordered by kind, then row block, so consecutive tasks of
     a worker reuse the same left block.
     """
     parts = []
-    for kind, count, wanted in ((0, n, with_xx), (1, m, with_yy)):
-        if wanted:
-            rows, cols = np.triu_indices(-(-count // _BLOCK))
-            parts.append(np.stack([np.full_like(rows, kind), rows, cols], axis=1))
-    if with_xy:
-        rows, cols = np.divmod(np.arange(-(-n // _BLOCK) * -(-m // _BLOCK)), -(-m // _BLOCK))
-        parts.append(np.stack([np.full_like(rows, 2), rows, cols], axis=1))
-    if not parts:
-        return np.empty((0, 3), np.int64)
+    for kind, count in ((0, n), (1, m)):
+        rows, cols = np.triu_indices(-(-count // _BLOCK))
+        parts.append(np.stack([np.full_like(rows, kind), rows, cols], axis=1))
+    rows, cols = np.divmod(np.arange(-(-n // _BLOCK) * -(-m // _BLOCK)), -(-m // _BLOCK))
+    parts.append(np.stack([np.full_like(rows, 2), rows, cols], axis=1))
     return np.ascontiguousarray(np.concatenate(parts).astype(np.int64))
-
-
-def _chunk_bounds(tasks, n, m, n_chunks):
-    """Split ``tasks`` into ``n_chunks`` contiguous ranges of about equal backward cost, ``[n_chunks + 1]``.
-
-    A task costs about rows * cols * (2 + 1 if it also updates its column block): one matrix product for
-    the distances, one per gradient side, with the kernel evaluation roughly proportional as well.
-    """
-    kinds, row_blocks, col_blocks = tasks[:, 0], tasks[:, 1], tasks[:, 2]
-    left_size = np.where(kinds == 1, m, n)
-    right_size = np.where(kinds == 0, n, m)
-    rows = np.minimum(_BLOCK, left_size - row_blocks * _BLOCK)
-    cols = np.minimum(_BLOCK, right_size - col_blocks * _BLOCK)
-    two_sided = (kinds == 2) | (row_blocks != col_blocks)
-    cumulative = np.concatenate([[0], np.cumsum(rows * cols * (2 + two_sided))])
-    targets = cumulative[-1] * np.arange(n_chunks + 1) / n_chunks
-    bounds = np.searchsorted(cumulative, targets, side="left")
-    bounds[-1] = len(tasks)
-    return bounds.astype(np.int64)
 
 
 def _column_sums(a):
@@ -594,7 +553,7 @@ def mmd_sums(x, y, kernel, params, unbiased):
     if kernel == "linear":
         return torch.from_numpy(_linear_sums(xa, ya, unbiased))
     code = _kernel_code(kernel)
-    tasks = _tile_tasks(xa.shape[0], ya.shape[0], True, True, True)
+    tasks = _tile_tasks(xa.shape[0], ya.shape[0])
     sums = _radial_sums(xa, ya, code, np.asarray(params, dtype=np.float64), bool(unbiased), tasks)
     return torch.from_numpy(sums)
 
@@ -611,9 +570,6 @@ def mmd_grads(x, y, kernel, params, unbiased, coeff_xx, coeff_yy, coeff_xy):
         gx, gy = _linear_grads(xa, ya, unbiased, coeff_xx, coeff_yy, coeff_xy)
         return torch.from_numpy(gx), torch.from_numpy(gy)
     code = _kernel_code(kernel)
-    n, m = xa.shape[0], ya.shape[0]
-    tasks = _tile_tasks(n, m, coeff_xx != 0.0, coeff_yy != 0.0, coeff_xy != 0.0)
-    bounds = _chunk_bounds(tasks, n, m, numba.get_num_threads())
     coeffs = np.array([coeff_xx, coeff_yy, coeff_xy], dtype=np.float64)
-    gx, gy = _radial_grads(xa, ya, code, np.asarray(params, dtype=np.float64), coeffs, tasks, bounds)
+    gx, gy = _radial_grads(xa, ya, code, np.asarray(params, dtype=np.float64), coeffs)
     return torch.from_numpy(gx), torch.from_numpy(gy)
