@@ -97,6 +97,13 @@ def test_automatic_selection_falls_back_and_explain_says_why():
     assert any("float16" in r for r in reasons["numba"])
 
 
+def test_input_limits_are_reasons_of_their_backends():
+    many = tuple(0.1 * (k + 1) for k in range(65))
+    cuda_reasons = _registry.impls("mmd")["cuda"].input_reasons(X, Y, "rbf", many)
+    assert cuda_reasons == ["the cuda kernels take at most 64 bandwidths, got 65"]
+    assert _registry.impls("mmd")["cpp"].input_reasons(X, Y, "rbf", many) == []
+
+
 def test_register_rejects_duplicates_and_unknown_names():
     impl = _registry.impls("mmd")["reference"]
     with pytest.raises(ValueError, match="already has a backend"):

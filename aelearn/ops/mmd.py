@@ -324,6 +324,24 @@ def _triton_availability() -> str | None:
     return None
 
 
+# Limits of the compiled kernels (checked again inside them): row indices are 32-bit in the C++
+# kernels, and the CUDA kernels pass the bandwidths by value in a fixed-size array.
+_CPP_MAX_SAMPLES = 2**31 - 1
+_CUDA_MAX_PARAMS = 64
+
+
+def _cpp_input_reasons(x, y, kernel, params) -> list[str]:
+    if max(len(x), len(y)) >= _CPP_MAX_SAMPLES:
+        return [f"the cpp kernels take fewer than {_CPP_MAX_SAMPLES} samples per side"]
+    return []
+
+
+def _cuda_input_reasons(x, y, kernel, params) -> list[str]:
+    if len(params) > _CUDA_MAX_PARAMS:
+        return [f"the cuda kernels take at most {_CUDA_MAX_PARAMS} bandwidths, got {len(params)}"]
+    return []
+
+
 def _extension_op(name: str):
     def call(*args):
         _ext.extension()
@@ -355,6 +373,7 @@ _registry.register(
         devices=("cpu",),
         dtypes=_FLOATS,
         availability=_cpp_availability,
+        input_reasons=_cpp_input_reasons,
         tolerances=TOLERANCES,
     )
 )
@@ -367,6 +386,7 @@ _registry.register(
         devices=("cuda",),
         dtypes=_FLOATS,
         availability=_cuda_availability,
+        input_reasons=_cuda_input_reasons,
         tolerances=TOLERANCES,
     )
 )
