@@ -60,6 +60,7 @@ class CMakeBuild(build_ext):
             f"-DAELEARN_TORCH_CUDA={'ON' if torch.version.cuda else 'OFF'}",
             f"-DAELEARN_CUDA_ARCHITECTURES={os.environ.get('AELEARN_CUDA_ARCHS', '90')}",
             f"-DAELEARN_NATIVE_ARCH={'OFF' if os.environ.get('AELEARN_NATIVE_ARCH') == '0' else 'ON'}",
+            f"-DAELEARN_WITH_CUDA={'OFF' if os.environ.get('AELEARN_WITH_CUDA') == '0' else 'ON'}",
         ]
         env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}
         subprocess.run(["cmake", str(ROOT), *args], cwd=build_temp, check=True, env=env)
@@ -67,7 +68,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["aelearn", "aelearn.ops", "aelearn._numba", "aelearn.losses", "aelearn.kernels"],
+    packages=["aelearn", "aelearn.ops", "aelearn._numba", "aelearn.losses", "aelearn.stats", "aelearn.kernels"],
     package_dir={"aelearn.kernels": "kernels"},
     ext_modules=[] if _flag("AELEARN_NO_EXT") else [CMakeExtension("aelearn._C")],
     cmdclass={"build_ext": CMakeBuild},
