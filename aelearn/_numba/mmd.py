@@ -27,7 +27,6 @@ How the radial kernels (rbf, imq) are evaluated:
 The linear kernel needs no tiles: its sums and gradients follow in O((n + m) d) from the column sums.
 """
 
-import numba
 import numpy as np
 import torch
 from numba import prange
