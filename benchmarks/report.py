@@ -21,6 +21,7 @@ def load_rows(path: Path) -> dict[str, list[dict]]:
         info = bench["extra_info"]
         groups[bench["group"]].append(
             {
+                "op": info["op"],
                 "backend": info["backend"],
                 "device": info["device"],
                 "n": info["n"],
@@ -50,11 +51,12 @@ def table(groups: dict[str, list[dict]]) -> list[str]:
 
 
 def largest_sizes(groups: dict[str, list[dict]]) -> list[str]:
-    largest: dict[str, int] = {}
+    largest: dict[tuple[str, str], int] = {}
     for rows in groups.values():
         for row in rows:
-            largest[row["backend"]] = max(largest.get(row["backend"], 0), row["n"])
-    return [f"- {backend}: n = {n:,}" for backend, n in sorted(largest.items(), key=lambda kv: -kv[1])]
+            key = (row["op"], row["backend"])
+            largest[key] = max(largest.get(key, 0), row["n"])
+    return [f"- {op} {backend}: n = {n:,}" for (op, backend), n in sorted(largest.items(), key=lambda kv: (kv[0][0], -kv[1]))]
 
 
 def plot(groups: dict[str, list[dict]], out: Path) -> Path | None:

@@ -31,167 +31,23 @@ import numpy as np
 import torch
 from numba import prange
 
-from aelearn._numba._common import FMA_FLAGS as _FMA_FLAGS
 from aelearn._numba._common import REDUCE_FLAGS as _REDUCE_FLAGS
-from aelearn._numba._common import exp_nonpositive as _exp_nonpositive
 from aelearn._numba._common import jit as _jit
+from aelearn._numba._tiles import BLOCK as _BLOCK
+from aelearn._numba._tiles import IMQ as _IMQ
+from aelearn._numba._tiles import RBF as _RBF
+from aelearn._numba._tiles import accumulate_gradient as _accumulate_gradient
+from aelearn._numba._tiles import column_panels as _column_panels
+from aelearn._numba._tiles import distance_tile as _distance_tile
+from aelearn._numba._tiles import radial_profile as _radial_profile
+from aelearn._numba._tiles import squared_norms as _squared_norms
+from aelearn._numba._tiles import tile_matmul as _tile_matmul
+from aelearn._numba._tiles import weight_row_sums as _weight_row_sums
 
 __all__ = ["mmd_sums", "mmd_grads"]
 
 # Integer kernel codes passed into the jitted code (the linear kernel never reaches it).
-_RBF = 0
-_IMQ = 1
 _KERNEL_CODES = {"rbf": _RBF, "imq": _IMQ}
-
-# Rows and columns per tile. 64 x 64 keeps the transposed column block (d x 64) and the tile itself in
-# L1/L2 for the usual feature sizes and still gives every thread many tasks for n, m in the thousands.
-_BLOCK = 64
-# Rows of the left operand that `_tile_matmul` streams together; buffers it writes are padded to it.
-_ROW_GROUP = 4
-
-@_jit(fastmath=_FMA_FLAGS)
-def _tile_matmul(a, rows, depth, b, width, out):
-    """``out[:rows, :width] = a[:rows, :depth] @ b[:depth, :width]`` for one tile.
-
-    a: ``[>= rows, >= depth]``, any layout (read as scalars only); b: C-contiguous
-    ``[>= depth, >= width]``; out: C-contiguous ``[>= ceil(rows / 4) * 4, >= width]``.
-
-    Register blocking without intrinsics: four rows of ``a`` against four rows of ``b`` per step, so each
-    vector of ``out`` is loaded and stored once per four FMAs (instead of once per FMA, which would make
-    the loop store-bound) and each loaded vector of ``b`` feeds four rows. The innermost loop runs over
-    ``width``, contiguous in ``b`` and ``out``, and vectorises; each output is still summed in depth
-    order. A final partial group of rows re-reads the last row of ``a`` and writes its surplus results
-    into padding rows of ``out``, which keeps one branch-free code path.
-    """
-    last = rows - 1
-    zero = out.dtype.type(0)
-    for i0 in range(0, rows, _ROW_GROUP):
-        i1 = min(i0 + 1, last)
-        i2 = min(i0 + 2, last)
-        i3 = min(i0 + 3, last)
-        for w in range(width):
-            out[i0, w] = zero
-            out[i0 + 1, w] = zero
-            out[i0 + 2, w] = zero
-            out[i0 + 3, w] = zero
-        k = 0
-        while k + 4 <= depth:
-            a00, a01, a02, a03 = a[i0, k], a[i0, k + 1], a[i0, k + 2], a[i0, k + 3]
-            a10, a11, a12, a13 = a[i1, k], a[i1, k + 1], a[i1, k + 2], a[i1, k + 3]
-            a20, a21, a22, a23 = a[i2, k], a[i2, k + 1], a[i2, k + 2], a[i2, k + 3]
-            a30, a31, a32, a33 = a[i3, k], a[i3, k + 1], a[i3, k + 2], a[i3, k + 3]
-            for w in range(width):
-                v0 = b[k, w]
-                v1 = b[k + 1, w]
-                v2 = b[k + 2, w]
-                v3 = b[k + 3, w]
-                out[i0, w] = out[i0, w] + a00 * v0 + a01 * v1 + a02 * v2 + a03 * v3
-                out[i0 + 1, w] = out[i0 + 1, w] + a10 * v0 + a11 * v1 + a12 * v2 + a13 * v3
-                out[i0 + 2, w] = out[i0 + 2, w] + a20 * v0 + a21 * v1 + a22 * v2 + a23 * v3
-                out[i0 + 3, w] = out[i0 + 3, w] + a30 * v0 + a31 * v1 + a32 * v2 + a33 * v3
-            k += 4
-        while k < depth:
-            a0, a1, a2, a3 = a[i0, k], a[i1, k], a[i2, k], a[i3, k]
-            for w in range(width):
-                v = b[k, w]
-                out[i0, w] += a0 * v
-                out[i0 + 1, w] += a1 * v
-                out[i0 + 2, w] += a2 * v
-                out[i0 + 3, w] += a3 * v
-            k += 1
-
-
-@_jit(fastmath=_REDUCE_FLAGS)
-def _distance_tile(a, a_sq, z_panel, z_sq, diagonal, dist):
-    """Squared distances of one tile: ``dist[i, j] = max(||a_i||^2 + ||z_j||^2 - 2 a_i.z_j, 0)``.
-
-    a: ``[rows, d]``, a block of one sample; a_sq: ``[rows]``; z_panel: ``[d, _BLOCK]``, the column block
-    transposed (see `_column_panels`); z_sq: ``[cols]``; dist:
-    ``[>= ceil(rows / 4) * 4, >= cols]``, result in ``dist[:rows, :cols]``. ``diagonal`` marks a
-    diagonal tile of a within-sample sum (a is the z block); there ``dist[i, i]`` is set to exactly 0
-    instead of the expansion's rounding noise of order eps ||a_i||^2. The clamp at 0 removes the
-    negative values that the same cancellation produces for near-duplicate points.
-    """
-    rows, d = a.shape
-    cols = z_sq.shape[0]
-    zero = dist.dtype.type(0)
-    _tile_matmul(a, rows, d, z_panel, cols, dist)
-    for i in range(rows):
-        ai = a_sq[i]
-        for j in range(cols):
-            r = ai + z_sq[j] - (dist[i, j] + dist[i, j])
-            # Written so that NaN (from non-finite inputs) propagates instead of becoming 0.
-            dist[i, j] = zero if r < zero else r
-        if diagonal:
-            dist[i, i] = zero
-
-
-@_jit(fastmath=_REDUCE_FLAGS)
-def _radial_profile(dist, rows, cols, kernel, params, derivative, out):
-    """Sum over bandwidths of the radial profile f(r), or of -f'(r), over one tile of squared distances.
-
-    dist: ``[>= rows, >= cols]``; params: ``[n_params]`` in the tile dtype; out: ``[>= rows, >= cols]``.
-      rbf: f(r) = sum_s exp(-g_s r),     -f'(r) = sum_s g_s exp(-g_s r)
-      imq: f(r) = sum_s c_s / (c_s + r), -f'(r) = sum_s c_s / (c_s + r)^2
-    All bandwidths reuse the one distance tile. The bandwidth loop sits outside the column loop so that
-    the innermost loop is a plain vectorisable stream over one row.
-    """
-    zero = out.dtype.type(0)
-    for i in range(rows):
-        r_row = dist[i]
-        o_row = out[i]
-        for j in range(cols):
-            o_row[j] = zero
-        for s in range(params.shape[0]):
-            p = params[s]
-            if kernel == _RBF:
-                if derivative:
-                    for j in range(cols):
-                        o_row[j] += p * _exp_nonpositive(-(p * r_row[j]))
-                else:
-                    for j in range(cols):
-                        o_row[j] += _exp_nonpositive(-(p * r_row[j]))
-            elif derivative:
-                for j in range(cols):
-                    q = p + r_row[j]
-                    o_row[j] += p / (q * q)
-            else:
-                for j in range(cols):
-                    o_row[j] += p / (p + r_row[j])
-
-
-@_jit(fastmath=_REDUCE_FLAGS)
-def _squared_norms(a):
-    """``||a_i||^2`` for a: ``[rows, d]``, accumulated in float64, returned ``[rows]`` in the dtype of a."""
-    out = np.empty(a.shape[0], a.dtype)
-    for i in range(a.shape[0]):
-        acc = 0.0
-        for k in range(a.shape[1]):
-            v = np.float64(a[i, k])
-            acc += v * v
-        out[i] = acc
-    return out
-
-
-@_jit(fastmath=_REDUCE_FLAGS)
-def _column_panels(a):
-    """Pack a: ``[rows, d]`` into panels ``[n_blocks, d, _BLOCK]``, ``out[b, k, j] = a[b * _BLOCK + j, k]``.
-
-    The distance product of a tile needs its column block transposed. Packing every block once into a
-    contiguous ``d x _BLOCK`` panel keeps the tile's operand in a few pages and spread over all cache
-    sets; slicing one big transposed copy instead would put its rows a power-of-two stride apart (for
-    n = 4096: 16 KiB), all in the same L1 set, and triple the tile time. n_blocks = ceil(rows / _BLOCK);
-    padding columns are 0.
-    """
-    rows, d = a.shape
-    n_panels = -(-rows // _BLOCK)
-    out = np.zeros((n_panels, d, _BLOCK), a.dtype)
-    for i in range(rows):
-        panel = out[i // _BLOCK]
-        col = i % _BLOCK
-        for k in range(d):
-            panel[k, col] = a[i, k]
-    return out
 
 
 @_jit(fastmath=_REDUCE_FLAGS)
@@ -256,30 +112,6 @@ def _radial_sums(x, y, kernel, params, unbiased, tasks):
     for t in range(n_tasks):
         sums[tasks[t, 0]] += partial[t]
     return sums
-
-
-@_jit(fastmath=_REDUCE_FLAGS)
-def _weight_row_sums(weights, rows, cols, row_sums):
-    """``row_sums[i] = sum_j weights[i, j]`` over ``weights[:rows, :cols]``, in the tile dtype."""
-    for i in range(rows):
-        acc = weights.dtype.type(0)
-        for j in range(cols):
-            acc += weights[i, j]
-        row_sums[i] = acc
-
-
-@_jit(fastmath=_REDUCE_FLAGS)
-def _accumulate_gradient(points, weight_sums, weighted_partners, scale, grad):
-    """``grad[i] += scale * (weight_sums[i] * points[i] - weighted_partners[i])``, in float64.
-
-    points: ``[rows, d]``; weight_sums: ``[>= rows]``; weighted_partners: ``[>= rows, d]``; grad: float64
-    ``[rows, d]``. Combining the two terms per tile in float64 keeps their partial cancellation out of
-    the tile dtype.
-    """
-    for i in range(points.shape[0]):
-        wsum = np.float64(weight_sums[i])
-        for k in range(points.shape[1]):
-            grad[i, k] += scale * (wsum * np.float64(points[i, k]) - np.float64(weighted_partners[i, k]))
 
 
 @_jit(parallel=True, fastmath=_REDUCE_FLAGS)

@@ -1,5 +1,7 @@
 """Drop-in losses (``nn.Module``) built on the fused ops."""
 
+from aelearn.losses.hsic import HSICLoss
 from aelearn.losses.mmd import MMDLoss, mmd_to_prior
+from aelearn.losses.total_correlation import BetaTCLoss, TotalCorrelationLoss
 
-__all__ = ["MMDLoss", "mmd_to_prior"]
+__all__ = ["BetaTCLoss", "HSICLoss", "MMDLoss", "TotalCorrelationLoss", "mmd_to_prior"]

@@ -1,10 +1,27 @@
 """Ops with a pure-PyTorch reference and fused backends, selected per call (see ``_registry``).
 
 Note: ``aelearn.ops.mmd`` is the function; its module is ``aelearn.ops.mmd`` in ``sys.modules``
-(``from aelearn.ops.mmd import reference_pair_sums`` works as usual).
+(``from aelearn.ops.mmd import reference_pair_sums`` works as usual); likewise ``hsic`` and ``log_qz``.
 """
 
 from aelearn.ops._registry import BackendUnavailableError, backends, explain, use_backend
+from aelearn.ops.hsic import hsic, hsic_groups, reference_hsic
+from aelearn.ops.log_qz import TCDecomposition, log_qz, tc_decomposition, total_correlation
 from aelearn.ops.mmd import median_heuristic, mmd, reference_mmd
 
-__all__ = ["BackendUnavailableError", "backends", "explain", "median_heuristic", "mmd", "reference_mmd", "use_backend"]
+__all__ = [
+    "BackendUnavailableError",
+    "TCDecomposition",
+    "backends",
+    "explain",
+    "hsic",
+    "hsic_groups",
+    "log_qz",
+    "median_heuristic",
+    "mmd",
+    "reference_hsic",
+    "reference_mmd",
+    "tc_decomposition",
+    "total_correlation",
+    "use_backend",
+]
