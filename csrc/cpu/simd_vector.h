@@ -107,4 +107,24 @@ inline double sum_lanes(Vec<T> value) {
   return total;
 }
 
+// How many vectors of double hold the lanes of one Vec<T>.
+template <typename T>
+inline constexpr int kWideParts = kLanes<T> / kLanes<double>;
+
+// Adds the lanes of `value`, converted to double, to the kWideParts<T> vectors `sums`: lane l goes
+// to lane l % kLanes<double> of sums[l / kLanes<double>]. Vector conversions only, no lane loop.
+template <typename T>
+inline void add_widened(Vec<double>* sums, Vec<T> value) {
+  if constexpr (kWideParts<T> == 1) {
+    sums[0] += __builtin_convertvector(value, Vec<double>);
+  } else {
+    typedef T Part __attribute__((vector_size(kVectorBytes / kWideParts<T>)));
+    for (int part = 0; part < kWideParts<T>; ++part) {
+      Part lanes;
+      std::memcpy(&lanes, reinterpret_cast<const char*>(&value) + part * sizeof(Part), sizeof(Part));
+      sums[part] += __builtin_convertvector(lanes, Vec<double>);
+    }
+  }
+}
+
 }  // namespace aelearn::simd

@@ -20,202 +20,26 @@
 // twice. The backward pass visits every column tile (using symmetry there would need scattered
 // atomic updates of other rows).
 //
-// Thread layout: 16 x 16 threads; thread (ty, tx) owns the kMicro x kMicro entries
-// (ty + 16 i, tx + 16 j) of a kTile x kTile tile, i.e. strided rows and columns, which keeps
-// the shared-memory reads of a warp on broadcast or consecutive addresses.
+// Thread layout and the shared building blocks (dot tiles, G @ z tiles, kernel profiles): common.cuh.
 #include <torch/library.h>
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <array>
 #include <cstdint>
-#include <string_view>
 #include <tuple>
-#include <type_traits>
+
+#include "common.cuh"
 
 namespace {
 
-enum class KernelKind { Rbf, Imq, Linear };
-
-// Kernel parameters travel by value in the launch (constant bank), so no host-to-device copy.
-// Kernels take them as __grid_constant__ (sm_70+), so indexing them with a runtime bandwidth
-// index reads the constant bank directly instead of copying the struct to local memory.
-constexpr int kMaxParams = 64;
-
-template <typename scalar_t>
-struct Bandwidths {
-  scalar_t value[kMaxParams];  // gamma_s (rbf) or c_s (imq)
-  int count;
-};
-
-constexpr int kSide = 16;                   // threads per tile side
-constexpr int kThreads = kSide * kSide;     // threads per block
-constexpr int kChunk = 16;                  // feature slice staged in shared memory per step
-constexpr int kNormWarpsPerBlock = 8;       // rows per block of the norm kernel
-
-// Entries per thread along each tile side: 4 for float (64 x 64 tiles), 2 for double (32 x 32
-// tiles), which keeps the backward pass's shared memory (two operand slices, the G tile and the
-// z tile, ~42 KB for float, ~25 KB for double) under the 48 KB static limit.
-template <typename scalar_t>
-struct TileShape {
-  static constexpr int kMicro = std::is_same_v<scalar_t, float> ? 4 : 2;
-  static constexpr int kTile = kSide * kMicro;
-};
-
-__device__ __forceinline__ float exp_of(float v) { return expf(v); }
-__device__ __forceinline__ double exp_of(double v) { return exp(v); }
-
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t warp_sum(scalar_t v, int width) {
-  for (int offset = width / 2; offset > 0; offset /= 2) {
-    v += __shfl_xor_sync(0xffffffffu, v, offset, width);
-  }
-  return v;
-}
-
-// Sum of v over the block; the result is valid in thread 0. Every thread must call it.
-__device__ double block_sum(double v) {
-  __shared__ double warp_totals[kThreads / 32];
-  v = warp_sum(v, 32);
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  if (lane == 0) {
-    warp_totals[warp] = v;
-  }
-  __syncthreads();
-  v = 0.0;
-  if (warp == 0) {
-    v = lane < kThreads / 32 ? warp_totals[lane] : 0.0;
-    v = warp_sum(v, 32);
-  }
-  return v;
-}
-
-// f(r) summed over the bandwidths (rbf or imq).
-template <typename scalar_t, KernelKind kKind>
-__device__ __forceinline__ scalar_t kernel_value(scalar_t r, const Bandwidths<scalar_t>& params) {
-  scalar_t k = 0;
-  for (int s = 0; s < params.count; ++s) {
-    const scalar_t p = params.value[s];
-    if constexpr (kKind == KernelKind::Rbf) {
-      k += exp_of(-p * r);
-    } else {
-      k += p / (p + r);
-    }
-  }
-  return k;
-}
-
-// g = 2 f'(r) summed over the bandwidths (rbf or imq).
-template <typename scalar_t, KernelKind kKind>
-__device__ __forceinline__ scalar_t kernel_slope(scalar_t r, const Bandwidths<scalar_t>& params) {
-  scalar_t g = 0;
-  for (int s = 0; s < params.count; ++s) {
-    const scalar_t p = params.value[s];
-    if constexpr (kKind == KernelKind::Rbf) {
-      g -= scalar_t(2) * p * exp_of(-p * r);
-    } else {
-      const scalar_t q = p + r;
-      g -= scalar_t(2) * p / (q * q);
-    }
-  }
-  return g;
-}
-
-// ||a_row||^2 for every row of a [n, d] matrix; one warp per row.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kNormWarpsPerBlock * 32)
-    row_sq_norms_kernel(const scalar_t* __restrict__ a,  // [n, d]
-                        int64_t n,
-                        int64_t d,
-                        scalar_t* __restrict__ norms) {  // [n]
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormWarpsPerBlock + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= n) {
-    return;  // uniform per warp: the shuffles below never miss a lane
-  }
-  scalar_t sum = 0;
-  for (int64_t k = lane; k < d; k += 32) {
-    const scalar_t v = a[row * d + k];
-    sum += v * v;
-  }
-  sum = warp_sum(sum, 32);
-  if (lane == 0) {
-    norms[row] = sum;
-  }
-}
-
-// Operand slices of one feature chunk, stored feature-major ([k][row]) so that the inner
-// product loop reads a row-broadcast value and kSide consecutive columns; +1 padding breaks
-// the power-of-two stride of the transposed stores.
-template <typename scalar_t>
-struct OperandSlices {
-  scalar_t a[kChunk][TileShape<scalar_t>::kTile + 1];
-  scalar_t b[kChunk][TileShape<scalar_t>::kTile + 1];
-};
-
-// dots[i][j] = a[row0 + ty + 16 i] . b[col0 + tx + 16 j] (0 outside the matrices).
-// Every thread of the block must call it; it leaves the slices free for reuse on return.
-template <typename scalar_t>
-__device__ __forceinline__ void dot_tile(
-    const scalar_t* __restrict__ a,  // [n_a, d]
-    const scalar_t* __restrict__ b,  // [n_b, d]
-    int64_t row0,
-    int64_t col0,
-    int64_t n_a,
-    int64_t n_b,
-    int64_t d,
-    OperandSlices<scalar_t>& slices,
-    scalar_t (&dots)[TileShape<scalar_t>::kMicro][TileShape<scalar_t>::kMicro]) {
-  constexpr int kMicro = TileShape<scalar_t>::kMicro;
-  constexpr int kTile = TileShape<scalar_t>::kTile;
-  const int tx = threadIdx.x % kSide;
-  const int ty = threadIdx.x / kSide;
-#pragma unroll
-  for (int i = 0; i < kMicro; ++i) {
-#pragma unroll
-    for (int j = 0; j < kMicro; ++j) {
-      dots[i][j] = 0;
-    }
-  }
-  for (int64_t k0 = 0; k0 < d; k0 += kChunk) {
-    // Consecutive threads read consecutive features of a row (coalesced); zero padding past
-    // the matrix edges makes the unrolled product loop below branch-free.
-    for (int e = threadIdx.x; e < kTile * kChunk; e += kThreads) {
-      const int r = e / kChunk;
-      const int k = e % kChunk;
-      const bool k_in = k0 + k < d;
-      slices.a[k][r] = (row0 + r < n_a && k_in) ? a[(row0 + r) * d + k0 + k] : scalar_t(0);
-      slices.b[k][r] = (col0 + r < n_b && k_in) ? b[(col0 + r) * d + k0 + k] : scalar_t(0);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kChunk; ++k) {
-      scalar_t a_frag[kMicro];
-      scalar_t b_frag[kMicro];
-#pragma unroll
-      for (int i = 0; i < kMicro; ++i) {
-        a_frag[i] = slices.a[k][ty + kSide * i];
-        b_frag[i] = slices.b[k][tx + kSide * i];
-      }
-#pragma unroll
-      for (int i = 0; i < kMicro; ++i) {
-#pragma unroll
-        for (int j = 0; j < kMicro; ++j) {
-          dots[i][j] = fma(a_frag[i], b_frag[j], dots[i][j]);
-        }
-      }
-    }
-    __syncthreads();  // the next chunk overwrites the slices
-  }
-}
+using namespace aelearn::cuda;
 
 // Partial sum of k(a_i, b_j) for row tile blockIdx.x over the column tiles of split blockIdx.y.
 // With same (a is b) only column tiles >= the row tile are visited; off-diagonal tiles count
@@ -280,7 +104,7 @@ __global__ void __launch_bounds__(kThreads) mmd_fwd_kernel(
           const scalar_t r =
               diagonal ? scalar_t(0)
                        : max(my_a_norms[i] + b_norm - scalar_t(2) * dots[i][j], scalar_t(0));
-          tile_sum += kernel_value<scalar_t, kKind>(r, params);
+          tile_sum += kernel_profile<scalar_t, kKind>(r, params).value;
         }
       }
     }
@@ -320,8 +144,7 @@ __global__ void __launch_bounds__(kThreads) mmd_bwd_kernel(
   constexpr int kMicro = TileShape<scalar_t>::kMicro;
   constexpr int kTile = TileShape<scalar_t>::kTile;
   __shared__ OperandSlices<scalar_t> slices;
-  __shared__ scalar_t g_tile[kTile][kTile + 1];  // [row][col] masked G of the current tile
-  __shared__ scalar_t z_tile[kTile][kTile + 1];  // [col][feature] partner rows, this feature tile
+  __shared__ GradientTiles<scalar_t, kMicro> grad_tiles;  // masked G and z of the current tile
   const int tx = threadIdx.x % kSide;
   const int ty = threadIdx.x / kSide;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -366,10 +189,10 @@ __global__ void __launch_bounds__(kThreads) mmd_bwd_kernel(
             g = -1;
           } else {
             const scalar_t r = max(my_a_norms[i] + z_norm - scalar_t(2) * dots[i][j], scalar_t(0));
-            g = kernel_slope<scalar_t, kKind>(r, params);
+            g = kernel_profile<scalar_t, kKind>(r, params).slope;
           }
         }
-        g_tile[ty + kSide * i][tx + kSide * j] = g;
+        grad_tiles.g[ty + kSide * i][tx + kSide * j] = g;
         my_row_sums[i] += g;
       }
     }
@@ -381,135 +204,29 @@ __global__ void __launch_bounds__(kThreads) mmd_bwd_kernel(
         g_row_sums[i] += coeff * static_cast<double>(warp_sum(my_row_sums[i], kSide));
       }
     }
-    for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-      const int c = e / kTile;
-      const int f = e % kTile;
-      const bool inside = col0 + c < n_z && feature0 + f < d;
-      z_tile[c][f] = inside ? z[(col0 + c) * d + feature0 + f] : scalar_t(0);
-    }
+    stage_partner_features(z, col0, n_z, feature0, d, grad_tiles);
     __syncthreads();
-
-    // G @ z for this tile in the input dtype, then added in double.
-    scalar_t tile_acc[kMicro][kMicro] = {};
-#pragma unroll 8
-    for (int c = 0; c < kTile; ++c) {
-      scalar_t g_frag[kMicro];
-      scalar_t z_frag[kMicro];
-#pragma unroll
-      for (int i = 0; i < kMicro; ++i) {
-        g_frag[i] = g_tile[ty + kSide * i][c];
-        z_frag[i] = z_tile[c][tx + kSide * i];
-      }
-#pragma unroll
-      for (int i = 0; i < kMicro; ++i) {
-#pragma unroll
-        for (int j = 0; j < kMicro; ++j) {
-          tile_acc[i][j] = fma(g_frag[i], z_frag[j], tile_acc[i][j]);
-        }
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kMicro; ++i) {
-#pragma unroll
-      for (int j = 0; j < kMicro; ++j) {
-        acc[i][j] += coeff * static_cast<double>(tile_acc[i][j]);
-      }
-    }
-    __syncthreads();  // the next tile overwrites g_tile and z_tile
+    accumulate_gradient_product(grad_tiles, coeff, acc);
+    __syncthreads();  // the next tile overwrites grad_tiles
   }
 
-  double* __restrict__ out = partials + static_cast<int64_t>(blockIdx.z) * n_a * d;
-#pragma unroll
-  for (int i = 0; i < kMicro; ++i) {
-    const int64_t row = row0 + ty + kSide * i;
-#pragma unroll
-    for (int j = 0; j < kMicro; ++j) {
-      const int64_t feature = feature0 + tx + kSide * j;
-      if (row < n_a && feature < d) {
-        out[row * d + feature] =
-            static_cast<double>(a[row * d + feature]) * g_row_sums[i] - acc[i][j];
-      }
-    }
-  }
-}
-
-KernelKind parse_kernel(std::string_view kernel, c10::ArrayRef<double> params) {
-  TORCH_CHECK(kernel == "rbf" || kernel == "imq" || kernel == "linear", "mmd (CUDA): unknown kernel '",
-              kernel, "'; expected rbf, imq or linear");
-  if (kernel == "linear") {
-    TORCH_CHECK(params.empty(), "mmd (CUDA): the linear kernel takes no params");
-    return KernelKind::Linear;
-  }
-  TORCH_CHECK(!params.empty(), "mmd (CUDA): the ", kernel, " kernel needs at least one param");
-  TORCH_CHECK(static_cast<int64_t>(params.size()) <= kMaxParams, "mmd (CUDA): at most ", kMaxParams,
-              " params are supported, got ", params.size());
-  return kernel == "rbf" ? KernelKind::Rbf : KernelKind::Imq;
+  write_gradient_rows(a, row0, feature0, n_a, d, g_row_sums, acc,
+                      partials + static_cast<int64_t>(blockIdx.z) * n_a * d);
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& y) {
-  TORCH_CHECK(x.is_cuda() && y.is_cuda(), "mmd (CUDA): x and y must be CUDA tensors");
-  TORCH_CHECK(x.device() == y.device(), "mmd (CUDA): x and y must be on the same device");
+  check_cuda_pair("mmd", x, y);
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(1) == y.size(1),
               "mmd (CUDA): expected x [n, d] and y [m, d], got ", x.sizes(), " and ", y.sizes());
   TORCH_CHECK(x.size(0) >= 1 && y.size(0) >= 1 && x.size(1) >= 1,
               "mmd (CUDA): n, m and d must be at least 1");
-  TORCH_CHECK(x.scalar_type() == y.scalar_type() &&
-                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
-              "mmd (CUDA): x and y must both be float32 or both float64");
-  TORCH_CHECK(x.is_contiguous() && y.is_contiguous(), "mmd (CUDA): x and y must be contiguous");
-}
-
-template <typename scalar_t>
-Bandwidths<scalar_t> make_bandwidths(c10::ArrayRef<double> params) {
-  Bandwidths<scalar_t> bandwidths{};
-  bandwidths.count = static_cast<int>(params.size());
-  for (size_t s = 0; s < params.size(); ++s) {
-    bandwidths.value[s] = static_cast<scalar_t>(params[s]);
-  }
-  return bandwidths;
-}
-
-// Calls f(std::integral_constant<KernelKind, kind>) so the kernel kind becomes a template argument.
-template <typename F>
-void with_kernel_kind(KernelKind kind, F&& f) {
-  switch (kind) {
-    case KernelKind::Rbf:
-      f(std::integral_constant<KernelKind, KernelKind::Rbf>{});
-      break;
-    case KernelKind::Imq:
-      f(std::integral_constant<KernelKind, KernelKind::Imq>{});
-      break;
-    case KernelKind::Linear:
-      f(std::integral_constant<KernelKind, KernelKind::Linear>{});
-      break;
-  }
-}
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Column splits so that programs * splits reaches 4 blocks per SM, at most one per column tile.
-int64_t num_splits(int64_t programs, int64_t col_tiles, int device) {
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  const int64_t target = 4 * static_cast<int64_t>(sm_count);
-  return std::max<int64_t>(1, std::min(col_tiles, ceil_div(target, programs)));
-}
-
-template <typename scalar_t>
-at::Tensor row_sq_norms(const at::Tensor& a, cudaStream_t stream) {
-  const int64_t n = a.size(0);
-  at::Tensor norms = at::empty({n}, a.options());
-  const unsigned blocks = static_cast<unsigned>(ceil_div(n, kNormWarpsPerBlock));
-  row_sq_norms_kernel<scalar_t><<<blocks, kNormWarpsPerBlock * 32, 0, stream>>>(
-      a.data_ptr<scalar_t>(), n, a.size(1), norms.data_ptr<scalar_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return norms;
+  check_float_contiguous_pair("mmd", x, y);
 }
 
 at::Tensor mmd_sums_cuda(const at::Tensor& x, const at::Tensor& y, c10::string_view kernel,
                          c10::ArrayRef<double> params, bool unbiased) {
   check_inputs(x, y);
-  const KernelKind kind = parse_kernel(kernel, params);
+  const KernelKind kind = parse_kernel("mmd", "kernel", kernel, params, /*allow_delta=*/false);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int device = x.get_device();
@@ -546,7 +263,7 @@ at::Tensor mmd_sums_cuda(const at::Tensor& x, const at::Tensor& y, c10::string_v
     // One row of double partials per sum; entries past a task's block count stay 0.
     partials = at::zeros({3, max_blocks}, x.options().dtype(at::kDouble));
 
-    with_kernel_kind(kind, [&](auto kind_tag) {
+    with_kernel_kind<KernelKind::Rbf, KernelKind::Imq, KernelKind::Linear>(kind, [&](auto kind_tag) {
       constexpr KernelKind kKind = decltype(kind_tag)::value;
       for (int64_t t = 0; t < 3; ++t) {
         const Task& task = tasks[t];
@@ -582,7 +299,7 @@ at::Tensor grad_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
   const int64_t tiles_per_split = ceil_div(same_tiles + cross_tiles, splits);
   at::Tensor partials = at::empty({splits, n_a, d}, a.options().dtype(at::kDouble));
 
-  with_kernel_kind(kind, [&](auto kind_tag) {
+  with_kernel_kind<KernelKind::Rbf, KernelKind::Imq, KernelKind::Linear>(kind, [&](auto kind_tag) {
     constexpr KernelKind kKind = decltype(kind_tag)::value;
     const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(feature_tiles),
                     static_cast<unsigned>(splits));
@@ -601,7 +318,7 @@ std::tuple<at::Tensor, at::Tensor> mmd_grads_cuda(const at::Tensor& x, const at:
                                                   double coeff_xx, double coeff_yy,
                                                   double coeff_xy) {
   check_inputs(x, y);
-  const KernelKind kind = parse_kernel(kernel, params);
+  const KernelKind kind = parse_kernel("mmd", "kernel", kernel, params, /*allow_delta=*/false);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int device = x.get_device();
