@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -34,15 +35,17 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 
 def test_the_backends_this_machine_should_run_are_available():
     """Guards the harness against skipping into green: what can run here must not be skipped."""
-    table = aelearn.backends()["mmd"]
-    assert table["reference"] is None
-    assert table["numba"] is None, table["numba"]
-    if not EXTENSION_DISABLED:
-        assert table["cpp"] is None, table["cpp"]
-    if importlib.util.find_spec("triton") is not None:
-        assert table["triton"] is None, table["triton"]
-    if torch.cuda.is_available() and not EXTENSION_DISABLED:
-        assert table["cuda"] is None, table["cuda"]
+    assert set(aelearn.backends()) == {"hsic", "log_qz", "mmd"}
+    for op, table in aelearn.backends().items():
+        assert set(table) == set(_registry.BACKEND_NAMES), op
+        assert table["reference"] is None
+        assert table["numba"] is None, (op, table["numba"])
+        if not EXTENSION_DISABLED:
+            assert table["cpp"] is None, (op, table["cpp"])
+        if importlib.util.find_spec("triton") is not None:
+            assert table["triton"] is None, (op, table["triton"])
+        if torch.cuda.is_available() and not EXTENSION_DISABLED:
+            assert table["cuda"] is None, (op, table["cuda"])
 
 
 @pytest.mark.skipif(EXTENSION_DISABLED, reason="AELEARN_NO_EXT is set: the extension is off on purpose")
@@ -62,6 +65,18 @@ def test_library_ops_pass_opcheck():
     x, y = torch.randn(7, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     torch.library.opcheck(torch.ops.aelearn.mmd_sums.default, (x, y, "rbf", [0.5, 0.1], True))
     torch.library.opcheck(torch.ops.aelearn.mmd_grads.default, (x, y, "imq", [1.0], False, 0.1, 0.2, -0.3))
+    y = torch.randn(7, 2, dtype=torch.float64)
+    sums = torch.ops.aelearn.hsic_sums(x, y, "rbf", [0.5], "linear", [], True)
+    torch.library.opcheck(torch.ops.aelearn.hsic_sums.default, (x, y, "rbf", [0.5], "linear", [], True))
+    torch.library.opcheck(torch.ops.aelearn.hsic_grads.default, (x, y, "imq", [1.0], "rbf", [0.3], False, sums[1], sums[2], 0.1, -0.2, 0.3))
+    z, mu, logvar = torch.randn(3, 6, 4, dtype=torch.float64).unbind()
+    groups = torch.tensor([0, 1, 1, 0])
+    joint, marginals = torch.ops.aelearn.log_qz_forward(z, mu, logvar, groups, 2, -2.0, -1.0, -3.0)
+    torch.library.opcheck(torch.ops.aelearn.log_qz_forward.default, (z, mu, logvar, groups, 2, -2.0, -1.0, -3.0))
+    torch.library.opcheck(
+        torch.ops.aelearn.log_qz_backward.default,
+        (z, mu, logvar, groups, 2, -2.0, -1.0, -3.0, joint, marginals, torch.ones_like(joint), torch.ones_like(marginals)),
+    )
 
 
 def test_selection_order_argument_context_environment_priority(monkeypatch):
@@ -119,8 +134,9 @@ def test_info_command_lists_backends_with_reasons(capsys):
     printed = capsys.readouterr().out
     assert printed == info_text() + "\n"
     assert f"torch {torch.__version__}" in printed
-    for name in _registry.BACKEND_NAMES:
-        assert f"mmd      {name}" in printed
+    for op in _registry.ops():
+        for name in _registry.BACKEND_NAMES:
+            assert re.search(rf"^\s*{op}\s+{name}\b", printed, re.MULTILINE), (op, name)
     completed = run_python("import runpy; runpy.run_module('aelearn', run_name='__main__')")
     assert completed.returncode == 2 and "info" in completed.stderr
 
@@ -146,26 +162,40 @@ def test_pure_python_fallback_warns_once_and_uses_numba():
     assert completed.stderr.count("running without its compiled extension") == 1, completed.stderr
 
 
+# One fused forward + backward per op at a size where a single n×n (B×B) float32 matrix would
+# be several times the allowed peak: (op, code of one step at size n, n, the allowed peak in MiB).
+MEMORY_CASES = {
+    # n×m float32 at 12,000: 549 MiB.
+    "mmd": ("mmd(torch.randn(n, 8, requires_grad=True), torch.randn(n, 8, requires_grad=True), bandwidths=[1.0, 2.0], backend=BACKEND).backward()", 12_000, 128),
+    # n×n float32 at 12,000: 549 MiB.
+    "hsic": ("hsic(torch.randn(n, 8, requires_grad=True), torch.randn(n, 8, requires_grad=True), bandwidth_x=1.0, bandwidth_y=2.0, backend=BACKEND).backward()", 12_000, 128),
+    # B×B float32 at 8,192: 256 MiB; B×B×D: 4 GiB.
+    "log_qz": ("total_correlation(*torch.randn(3, n, 16, requires_grad=True), dataset_size=10 * n, estimator='mss', backend=BACKEND).backward()", 8_192, 64),
+}
+
+
 @pytest.mark.parametrize("backend", ["cpp", "numba"])
-def test_forward_and_backward_stay_memory_linear(backend):
-    """n = m = 12,000: one float32 n×m matrix would be 549 MiB; the fused backends stay far below."""
-    if aelearn.backends()["mmd"][backend] is not None:
-        pytest.skip(f"{backend}: {aelearn.backends()['mmd'][backend]}")
+@pytest.mark.parametrize("op", sorted(MEMORY_CASES))
+def test_forward_and_backward_stay_memory_linear(op, backend):
+    """Peak extra memory (RSS high-water mark above the level before the call) of a large step."""
+    if aelearn.backends()[op][backend] is not None:
+        pytest.skip(f"{backend}: {aelearn.backends()[op][backend]}")
+    step, n, limit_mib = MEMORY_CASES[op]
     completed = run_python(
         f"""
         import torch
-        from aelearn.ops import mmd
+        from aelearn.ops import hsic, mmd, total_correlation
         from peak_memory import peak_extra_bytes
 
+        BACKEND = "{backend}"
+
         def step(n):
-            x = torch.randn(n, 8, requires_grad=True)
-            y = torch.randn(n, 8, requires_grad=True)
-            mmd(x, y, bandwidths=[1.0, 2.0], backend="{backend}").backward()
+            {step}
 
         step(64)  # compile and warm up first
-        extra = peak_extra_bytes(lambda: step(12_000))
+        extra = peak_extra_bytes(lambda: step({n}))
         print(extra)
-        assert extra < 128 * 2**20, extra
+        assert extra < {limit_mib} * 2**20, extra
         """,
         PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "benchmarks"),
     )

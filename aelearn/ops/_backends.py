@@ -35,7 +35,7 @@ def cuda_availability() -> str | None:
         return reason
     info = _ext.build_info()
     if not info["cuda_compiled"]:
-        return "the extension was built without CUDA kernels (nvcc was not found at build time)"
+        return "the extension was built without CUDA kernels (nvcc was not found at build time, or AELEARN_WITH_CUDA=0)"
     if not info["cuda_linked"]:
         return "the CUDA kernels were compiled but not linked: the installed torch has no CUDA"
     if not torch.cuda.is_available():
