@@ -2,7 +2,7 @@
 
 Each case is first checked against a float64 evaluation (the reference where its materialised
 matrices fit, a float64 fused backend beyond, itself held to the reference by the tests), then its
-peak extra memory is recorded, then it is timed. Groups put all backends of one case and mode side
+peak extra memory is recorded, then it is timed (:func:`bench_op`). Groups put all backends of one case and mode side
 by side; ``benchmarks/report.py`` turns the JSON into ratios against the reference of the same run.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import pytest
 import torch
 from peak_memory import peak_extra_bytes
 
@@ -42,16 +43,42 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
 
 
-def check_grads(backend: str, got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
-    for g, w in zip(got, want):
-        error = relative_error(g, w)
-        assert error < GRAD_RTOL, f"{backend}: gradient error {error:.2e} of the largest entry"
+_TRUTH: dict[tuple[str, str], tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
 
 
-def measure(benchmark, run: Callable[[], object], *, op: str, case: str, mode: str, backend: str, rounds: int,
-            value_error: float, **info) -> None:
-    """Record peak extra memory and accuracy of ``run`` in the benchmark's extra info, then time it."""
+def bench_op(benchmark, fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], *, op: str, case: str, mode: str,
+             backend: str, rounds: int, reference_bytes: int, **info) -> None:
+    """Check, measure and time ``fn(*inputs, backend=backend)`` on one case, forward or forward + backward.
+
+    ``fn`` returns the op's outputs as one tensor; the backward pass is that of its sum. ``inputs``
+    are float64 (the truth is computed from them once per case); the timed call gets them in float32.
+    ``reference_bytes``: what the reference would materialise, to skip it where it cannot run.
+    """
+    if backend == "reference" and float64_backend(reference_bytes) != "reference":
+        pytest.skip(f"the reference would need about {reference_bytes / 2**30:.0f} GiB")
+    if mode == "fwd" and rounds == 1:
+        pytest.skip("the largest cases are timed forward + backward only")
+    if (op, case) not in _TRUTH:
+        leaves = [t.detach().double().requires_grad_(True) for t in inputs]
+        outputs = fn(*leaves, backend=float64_backend(reference_bytes))
+        _TRUTH[op, case] = (outputs.detach(), torch.autograd.grad(outputs.sum(), leaves))
+    truth, truth_grads = _TRUTH[op, case]
+    leaves = [t.detach().float().requires_grad_(mode == "fwd+bwd") for t in inputs]
+
+    @synchronised
+    def run():
+        outputs = fn(*leaves, backend=backend)
+        if mode == "fwd+bwd":
+            outputs.sum().backward()
+        return outputs.detach()
+
+    value_error = relative_error(run(), truth)
     assert value_error < VALUE_RTOL, f"{backend}: relative error {value_error:.2e} against float64"
+    if mode == "fwd+bwd":
+        for leaf, want in zip(leaves, truth_grads):
+            error = relative_error(leaf.grad, want)
+            assert error < GRAD_RTOL, f"{backend}: gradient error {error:.2e} of the largest entry"
+            leaf.grad = None
     peak = peak_extra_bytes(run, DEVICE)
     benchmark.group = f"{op} {case} {mode}"
     benchmark.extra_info.update(

@@ -250,7 +250,7 @@ def test_bad_input(x, y, kwargs, error, words):
 @pytest.mark.parametrize(
     "groups, words",
     [
-        ([[0, 1, 2, 3]], "at least two groups"),
+        ([[0, 1, 2, 3]], "at least 2 groups"),
         ([[0, 1], [1, 2, 3]], "groups overlap: dimension 1"),
         ([[0, 1], [2]], r"missing \[3\]"),
         ([[0, 1], [2, 3, 4]], "dimension 4, outside"),

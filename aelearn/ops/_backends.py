@@ -43,6 +43,18 @@ def cuda_availability() -> str | None:
     return None
 
 
+# Row indices are 32-bit in the C++ kernels (checked again inside them).
+CPP_MAX_ROWS = 2**31 - 1
+
+
+def cpp_row_limit(*inputs) -> list[str]:
+    """Why the cpp kernels cannot take these inputs: a tensor with 2^31 − 1 rows or more."""
+    rows = max(len(t) for t in inputs if isinstance(t, torch.Tensor))
+    if rows >= CPP_MAX_ROWS:
+        return [f"the cpp kernels take fewer than {CPP_MAX_ROWS} rows per tensor, got {rows}"]
+    return []
+
+
 def triton_interpreted() -> bool:
     """Whether Triton kernels run through its CPU interpreter in this process."""
     return os.environ.get("TRITON_INTERPRET", "") == "1"
@@ -82,7 +94,7 @@ def register_standard_backends(
     backward: str,
     module: str,
     tolerances: dict[torch.dtype, tuple[float, float]],
-    cpp_input_reasons: Callable[..., list[str]] = lambda *inputs: [],
+    cpp_input_reasons: Callable[..., list[str]] = cpp_row_limit,
     cuda_input_reasons: Callable[..., list[str]] = lambda *inputs: [],
 ) -> None:
     """Register the reference and the four fused backends of ``op``.

@@ -29,6 +29,7 @@ import torch
 from aelearn import _ext
 from aelearn.ops import _registry
 from aelearn.ops._backends import register_standard_backends
+from aelearn.ops._groups import check_partition
 from aelearn.ops._kernels import KERNELS, check_finite, check_sample, kernel_params, median_sq_distance
 from aelearn.ops._registry import Impl
 
@@ -216,30 +217,6 @@ def reference_hsic(x, y, **kwargs) -> torch.Tensor:
     return hsic(x, y, **kwargs, backend="reference")
 
 
-def _check_groups(z: torch.Tensor, groups) -> list[list[int]]:
-    dim = z.shape[1]
-    try:
-        groups = [[int(i) for i in group] for group in groups]
-    except TypeError:
-        raise TypeError("groups must be a sequence of sequences of dimension indices") from None
-    if len(groups) < 2:
-        raise ValueError(f"groups must hold at least two groups of latent dimensions, got {len(groups)}")
-    seen: dict[int, int] = {}
-    for g, group in enumerate(groups):
-        if not group:
-            raise ValueError(f"groups[{g}] is empty")
-        for i in group:
-            if not 0 <= i < dim:
-                raise ValueError(f"groups[{g}] holds dimension {i}, outside [0, {dim}) for z of shape {tuple(z.shape)}")
-            if i in seen:
-                raise ValueError(f"groups overlap: dimension {i} is in groups[{seen[i]}] and groups[{g}]")
-            seen[i] = g
-    missing = sorted(set(range(dim)) - set(seen))
-    if missing:
-        raise ValueError(f"groups must partition the {dim} dimensions of z; missing {missing}")
-    return groups
-
-
 def hsic_groups(
     z: torch.Tensor,
     groups: Sequence[Sequence[int]],
@@ -255,7 +232,7 @@ def hsic_groups(
     ``bandwidth=None`` takes each group's own median heuristic; a value applies to every group.
     """
     check_sample("z", z)
-    groups = _check_groups(z, groups)
+    groups = check_partition(groups, z.shape[1], at_least=2)
     parts = [z[:, group] for group in groups]
     total = z.new_zeros(())
     for a, b in itertools.combinations(parts, 2):
@@ -270,16 +247,8 @@ def hsic_groups(
 # Backends
 # ---------------------------------------------------------------------------------------------
 
-# Limits of the compiled kernels (checked again inside them): 32-bit row indices in C++, and the
-# CUDA kernels take the bandwidths by value in fixed-size arrays.
-_CPP_MAX_SAMPLES = 2**31 - 1
+# The CUDA kernels take the bandwidths by value in fixed-size arrays (checked again inside them).
 _CUDA_MAX_PARAMS = 64
-
-
-def _cpp_input_reasons(x, y, kernel_x, params_x, kernel_y, params_y) -> list[str]:
-    if len(x) >= _CPP_MAX_SAMPLES:
-        return [f"the cpp kernels take fewer than {_CPP_MAX_SAMPLES} samples"]
-    return []
 
 
 def _cuda_input_reasons(x, y, kernel_x, params_x, kernel_y, params_y) -> list[str]:
@@ -295,7 +264,6 @@ register_standard_backends(
     backward="hsic_grads",
     module="hsic",
     tolerances=TOLERANCES,
-    cpp_input_reasons=_cpp_input_reasons,
     cuda_input_reasons=_cuda_input_reasons,
 )
 

@@ -29,6 +29,8 @@ import torch
 from aelearn import _ext
 from aelearn.ops import _registry
 from aelearn.ops._backends import register_standard_backends
+from aelearn.ops._groups import check_partition
+from aelearn.ops._kernels import check_finite, check_sample
 from aelearn.ops._registry import Impl
 
 ESTIMATORS = ("mws", "mss")
@@ -77,20 +79,10 @@ def reference_log_qz(z, mu, logvar, group_of_dim, num_groups, log_w_self, log_w_
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_tensor(name: str, t: object) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor [batch, latent], got {type(t).__name__}")
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D tensor [batch, latent], got shape {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
-
-
 def _check_inputs(z, mu, logvar, dataset_size, estimator: str) -> None:
     for name, t in (("z", z), ("mu", mu), ("logvar", logvar)):
-        _check_tensor(name, t)
+        check_sample(name, t)
+        check_finite(name, t)
     for name, t in (("mu", mu), ("logvar", logvar)):
         if t.shape != z.shape:
             raise ValueError(f"{name} must have the shape of z {tuple(z.shape)}, got {tuple(t.shape)}")
@@ -99,8 +91,8 @@ def _check_inputs(z, mu, logvar, dataset_size, estimator: str) -> None:
         if t.device != z.device:
             raise ValueError(f"{name} must be on z's device ({z.device}), got {t.device}")
     batch = z.shape[0]
-    if batch < 1 or z.shape[1] < 1:
-        raise ValueError(f"z must hold at least one sample and one dimension, got shape {tuple(z.shape)}")
+    if batch < 1:
+        raise ValueError(f"z must hold at least one sample, got shape {tuple(z.shape)}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}")
     if isinstance(dataset_size, bool) or not isinstance(dataset_size, int):
@@ -115,24 +107,11 @@ def group_index(groups: Sequence[Sequence[int]] | None, dim: int, device) -> tup
     """The group of every dimension (``[dim]`` int64) and the number of groups; None: one per dimension."""
     if groups is None:
         return torch.arange(dim, device=device), dim
-    try:
-        groups = [[int(i) for i in group] for group in groups]
-    except TypeError:
-        raise TypeError("groups must be None or a sequence of sequences of dimension indices") from None
-    owner = [-1] * dim
+    groups = check_partition(groups, dim)
+    owner = torch.empty(dim, dtype=torch.int64)
     for g, group in enumerate(groups):
-        if not group:
-            raise ValueError(f"groups[{g}] is empty")
-        for i in group:
-            if not 0 <= i < dim:
-                raise ValueError(f"groups[{g}] holds dimension {i}, outside [0, {dim})")
-            if owner[i] >= 0:
-                raise ValueError(f"groups overlap: dimension {i} is in groups[{owner[i]}] and groups[{g}]")
-            owner[i] = g
-    missing = [i for i, g in enumerate(owner) if g < 0]
-    if missing:
-        raise ValueError(f"groups must partition the {dim} latent dimensions; missing {missing}")
-    return torch.tensor(owner, dtype=torch.int64, device=device), len(groups)
+        owner[group] = g
+    return owner.to(device), len(groups)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,15 +216,6 @@ def tc_decomposition(
 # Backends
 # ---------------------------------------------------------------------------------------------
 
-_CPP_MAX_SAMPLES = 2**31 - 1
-
-
-def _cpp_input_reasons(z, mu, logvar, group_of_dim, num_groups) -> list[str]:
-    if len(z) >= _CPP_MAX_SAMPLES:
-        return [f"the cpp kernels take fewer than {_CPP_MAX_SAMPLES} samples"]
-    return []
-
-
 register_standard_backends(
     "log_qz",
     reference=reference_log_qz,
@@ -253,7 +223,6 @@ register_standard_backends(
     backward="log_qz_backward",
     module="log_qz",
     tolerances=TOLERANCES,
-    cpp_input_reasons=_cpp_input_reasons,
 )
 
 

@@ -185,16 +185,8 @@ def reference_mmd(x, y, *, kernel: str = "rbf", bandwidths=None, estimator: str 
 # Backends
 # ---------------------------------------------------------------------------------------------
 
-# Limits of the compiled kernels (checked again inside them): row indices are 32-bit in the C++
-# kernels, and the CUDA kernels pass the bandwidths by value in a fixed-size array.
-_CPP_MAX_SAMPLES = 2**31 - 1
+# The CUDA kernels take the bandwidths by value in a fixed-size array (checked again inside them).
 _CUDA_MAX_PARAMS = 64
-
-
-def _cpp_input_reasons(x, y, kernel, params) -> list[str]:
-    if max(len(x), len(y)) >= _CPP_MAX_SAMPLES:
-        return [f"the cpp kernels take fewer than {_CPP_MAX_SAMPLES} samples per side"]
-    return []
 
 
 def _cuda_input_reasons(x, y, kernel, params) -> list[str]:
@@ -212,7 +204,6 @@ register_standard_backends(
     backward="mmd_grads",
     module="mmd",
     tolerances=TOLERANCES,
-    cpp_input_reasons=_cpp_input_reasons,
     cuda_input_reasons=_cuda_input_reasons,
 )
 

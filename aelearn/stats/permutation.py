@@ -65,8 +65,13 @@ def _fixed_scales(kernel: str, bandwidths, sample_of, name: str):
     return math.sqrt(median) if kernel == "rbf" else median
 
 
-def _p_value(statistic: float, null: torch.Tensor) -> float:
-    return (1 + int((null >= statistic).sum())) / (1 + len(null))
+def _permutation_test(statistic: float, permuted_statistic, size: int, num_permutations: int, generator) -> PermutationTestResult:
+    """The null distribution from ``permuted_statistic(order)`` over random orders of ``size`` items."""
+    null = torch.empty(num_permutations, dtype=torch.float64)
+    for b in range(num_permutations):
+        null[b] = permuted_statistic(torch.randperm(size, generator=generator))
+    p_value = (1 + int((null >= statistic).sum())) / (1 + num_permutations)
+    return PermutationTestResult(statistic, p_value, null)
 
 
 def mmd_test(
@@ -94,12 +99,12 @@ def mmd_test(
         pooled = torch.cat([x, y])
         bandwidths = _fixed_scales(kernel, bandwidths, lambda: pooled, "bandwidths")
         n = len(x)
-        null = torch.empty(num_permutations, dtype=torch.float64)
-        for b in range(num_permutations):
-            order = torch.randperm(len(pooled), generator=generator).to(pooled.device)
-            shuffled = pooled[order]
-            null[b] = float(mmd(shuffled[:n], shuffled[n:], kernel=kernel, bandwidths=bandwidths, estimator=estimator, backend=backend))
-    return PermutationTestResult(statistic, _p_value(statistic, null), null)
+
+        def permuted(order):
+            shuffled = pooled[order.to(pooled.device)]
+            return float(mmd(shuffled[:n], shuffled[n:], kernel=kernel, bandwidths=bandwidths, estimator=estimator, backend=backend))
+
+        return _permutation_test(statistic, permuted, len(pooled), num_permutations, generator)
 
 
 def hsic_test(
@@ -128,8 +133,8 @@ def hsic_test(
         bandwidth_x = _fixed_scales(kernel_x, bandwidth_x, lambda: x, "bandwidth_x")
         if kernel_y != LABEL_KERNEL:
             bandwidth_y = _fixed_scales(kernel_y, bandwidth_y, lambda: y, "bandwidth_y")
-        null = torch.empty(num_permutations, dtype=torch.float64)
-        for b in range(num_permutations):
-            order = torch.randperm(len(y), generator=generator).to(y.device)
-            null[b] = float(hsic(x, y[order], bandwidth_x=bandwidth_x, bandwidth_y=bandwidth_y, **kwargs))
-    return PermutationTestResult(statistic, _p_value(statistic, null), null)
+
+        def permuted(order):
+            return float(hsic(x, y[order.to(y.device)], bandwidth_x=bandwidth_x, bandwidth_y=bandwidth_y, **kwargs))
+
+        return _permutation_test(statistic, permuted, len(y), num_permutations, generator)
