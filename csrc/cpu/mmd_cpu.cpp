@@ -151,16 +151,14 @@ void block_pair_gradient(const PackedSample<T>& rows, const PackedSample<T>& col
                          int64_t col_block, const Kernel& kernel, const T* factors, BlockWorkspace<T>& workspace,
                          SharedGradient& row_gradient, SharedGradient& col_gradient) {
   using Tiles = Tiling<T>;
-  const int64_t row_begin = row_block * Tiles::kBlock;
-  const int64_t rows_here = std::min<int64_t>(rows.count - row_begin, Tiles::kBlock);
-  const int64_t col_begin = col_block * Tiles::kBlock;
-  const int64_t cols_here = std::min<int64_t>(cols.count - col_begin, Tiles::kBlock);
+  const BlockRows row_range = block_rows<T>(row_block, rows.count);
+  const BlockRows col_range = block_rows<T>(col_block, cols.count);
   workspace.clear_sums();
 
-  for (int64_t tile_col = 0; tile_col < cols_here; tile_col += Tiles::kPairCols) {
-    for (int64_t tile_row = 0; tile_row < rows_here; tile_row += Tiles::kPairRows) {
-      const int64_t first_row = row_begin + tile_row;
-      const int64_t first_col = col_begin + tile_col;
+  for (int64_t tile_col = 0; tile_col < col_range.count; tile_col += Tiles::kPairCols) {
+    for (int64_t tile_row = 0; tile_row < row_range.count; tile_row += Tiles::kPairRows) {
+      const int64_t first_row = row_range.begin + tile_row;
+      const int64_t first_col = col_range.begin + tile_col;
       const TileCoverage coverage = tile_coverage<T>(first_row, first_col, rows.count, cols.count, symmetric);
       if (coverage == TileCoverage::kNone) {
         workspace.clear_tile(tile_row, tile_col);

@@ -111,19 +111,26 @@ inline double sum_lanes(Vec<T> value) {
 template <typename T>
 inline constexpr int kWideParts = kLanes<T> / kLanes<double>;
 
+// Lanes [kPart * kLanes<double>, (kPart + 1) * kLanes<double>) of a vector of double wider than Vec.
+template <int kPart, typename Wide, std::size_t... kLane>
+inline Vec<double> double_part(const Wide& wide, std::index_sequence<kLane...>) {
+  return __builtin_shufflevector(wide, wide, (kPart * kLanes<double> + kLane)...);
+}
+
 // Adds the lanes of `value`, converted to double, to the kWideParts<T> vectors `sums`: lane l goes
-// to lane l % kLanes<double> of sums[l / kLanes<double>]. Vector conversions only, no lane loop.
+// to lane l % kLanes<double> of sums[l / kLanes<double>]. The whole vector is converted at once (to
+// a vector of double twice as wide, then split by shuffles): GCC compiles that to full-width
+// conversions, where converting extracted halves is split into 128-bit pieces.
 template <typename T>
 inline void add_widened(Vec<double>* sums, Vec<T> value) {
   if constexpr (kWideParts<T> == 1) {
     sums[0] += __builtin_convertvector(value, Vec<double>);
   } else {
-    typedef T Part __attribute__((vector_size(kVectorBytes / kWideParts<T>)));
-    for (int part = 0; part < kWideParts<T>; ++part) {
-      Part lanes;
-      std::memcpy(&lanes, reinterpret_cast<const char*>(&value) + part * sizeof(Part), sizeof(Part));
-      sums[part] += __builtin_convertvector(lanes, Vec<double>);
-    }
+    static_assert(kWideParts<T> == 2, "float has twice the lanes of double");
+    typedef double Wide __attribute__((vector_size(2 * sizeof(Vec<double>))));
+    const Wide wide = __builtin_convertvector(value, Wide);
+    sums[0] += double_part<0>(wide, std::make_index_sequence<kLanes<double>>{});
+    sums[1] += double_part<1>(wide, std::make_index_sequence<kLanes<double>>{});
   }
 }
 
