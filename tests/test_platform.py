@@ -115,7 +115,9 @@ def test_automatic_selection_falls_back_and_explain_says_why():
 def test_input_limits_are_reasons_of_their_backends():
     many = tuple(0.1 * (k + 1) for k in range(65))
     cuda_reasons = _registry.impls("mmd")["cuda"].input_reasons(X, Y, "rbf", many)
-    assert cuda_reasons == ["the cuda kernels take at most 64 bandwidths, got 65"]
+    assert cuda_reasons == ["the cuda kernels take at most 64 bandwidths per kernel, got 65"]
+    assert _registry.impls("hsic")["cuda"].input_reasons(X, Y, "rbf", (1.0,), "imq", many) == cuda_reasons
+    assert _registry.impls("log_qz")["cpp"].input_reasons(X, X, X, torch.arange(3), 3) == []
     assert _registry.impls("mmd")["cpp"].input_reasons(X, Y, "rbf", many) == []
 
 

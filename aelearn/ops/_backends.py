@@ -55,6 +55,18 @@ def cpp_row_limit(*inputs) -> list[str]:
     return []
 
 
+# The CUDA kernels take kernel parameters by value in fixed-size arrays (checked again inside them).
+CUDA_MAX_PARAMS = 64
+
+
+def cuda_param_limit(*inputs) -> list[str]:
+    """Why the cuda kernels cannot take these inputs: a kernel with more than 64 parameters."""
+    counts = [len(a) for a in inputs if isinstance(a, (tuple, list))]
+    if counts and max(counts) > CUDA_MAX_PARAMS:
+        return [f"the cuda kernels take at most {CUDA_MAX_PARAMS} bandwidths per kernel, got {max(counts)}"]
+    return []
+
+
 def triton_interpreted() -> bool:
     """Whether Triton kernels run through its CPU interpreter in this process."""
     return os.environ.get("TRITON_INTERPRET", "") == "1"
@@ -95,7 +107,7 @@ def register_standard_backends(
     module: str,
     tolerances: dict[torch.dtype, tuple[float, float]],
     cpp_input_reasons: Callable[..., list[str]] = cpp_row_limit,
-    cuda_input_reasons: Callable[..., list[str]] = lambda *inputs: [],
+    cuda_input_reasons: Callable[..., list[str]] = cuda_param_limit,
 ) -> None:
     """Register the reference and the four fused backends of ``op``.
 

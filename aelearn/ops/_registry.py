@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 

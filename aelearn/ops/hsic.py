@@ -247,16 +247,6 @@ def hsic_groups(
 # Backends
 # ---------------------------------------------------------------------------------------------
 
-# The CUDA kernels take the bandwidths by value in fixed-size arrays (checked again inside them).
-_CUDA_MAX_PARAMS = 64
-
-
-def _cuda_input_reasons(x, y, kernel_x, params_x, kernel_y, params_y) -> list[str]:
-    if max(len(params_x), len(params_y)) > _CUDA_MAX_PARAMS:
-        return [f"the cuda kernels take at most {_CUDA_MAX_PARAMS} bandwidths per kernel"]
-    return []
-
-
 register_standard_backends(
     "hsic",
     reference=reference_sums,
@@ -264,7 +254,6 @@ register_standard_backends(
     backward="hsic_grads",
     module="hsic",
     tolerances=TOLERANCES,
-    cuda_input_reasons=_cuda_input_reasons,
 )
 
 

@@ -185,18 +185,6 @@ def reference_mmd(x, y, *, kernel: str = "rbf", bandwidths=None, estimator: str 
 # Backends
 # ---------------------------------------------------------------------------------------------
 
-# The CUDA kernels take the bandwidths by value in a fixed-size array (checked again inside them).
-_CUDA_MAX_PARAMS = 64
-
-
-def _cuda_input_reasons(x, y, kernel, params) -> list[str]:
-    if len(params) > _CUDA_MAX_PARAMS:
-        return [f"the cuda kernels take at most {_CUDA_MAX_PARAMS} bandwidths, got {len(params)}"]
-    return []
-
-
-# The reference is differentiated by autograd through the materialised matrices: the natural
-# plain-PyTorch implementation that the fused backends are measured against.
 register_standard_backends(
     "mmd",
     reference=reference_pair_sums,
@@ -204,7 +192,6 @@ register_standard_backends(
     backward="mmd_grads",
     module="mmd",
     tolerances=TOLERANCES,
-    cuda_input_reasons=_cuda_input_reasons,
 )
 
 
