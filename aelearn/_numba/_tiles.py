@@ -122,7 +122,8 @@ def radial_profile(dist, rows, cols, kernel, params, derivative, out, slopes=Non
       imq: f(r) = sum_s c_s / (c_s + r), -f'(r) = sum_s c_s / (c_s + r)^2
     ``out`` gets -f' when ``derivative``, else f. With ``slopes`` (``[>= rows, >= cols]``) given,
     ``out`` gets f and ``slopes`` gets -f' from the same exp / division per term (``derivative`` is then
-    ignored); numba compiles the ``slopes is None`` tests away.
+    ignored). Leave slopes out rather than passing None: numba prunes the ``slopes is None`` branches
+    only for the omitted default, and an explicit None fails to type.
     All bandwidths reuse the one distance tile. The bandwidth loop sits outside the column loop so that
     the innermost loop is a plain vectorisable stream over one row.
     """

@@ -33,7 +33,9 @@ How the pairs are visited:
   ``o_i = c2 row_l[i] + c3 sum(row_l)``, the gradient of row a is ``sum_j W_aj dK_aj/dx_a``: for a
   radial kernel ``-2 sum_j W_aj w_aj (x_a - x_j)`` with ``w = -f'(r) >= 0``, for "linear"
   ``sum_j W_aj x_j``; a weighted tile times the partner block, per side of the tile. The same holds
-  for y with K and L swapped; labels ("delta") get a zero gradient.
+  for y with K and L swapped; labels ("delta") get a zero gradient. A linear side takes only the
+  ``2 c1 L_ij`` part from the tiles and the offsets' part in closed form, O(n d) in float64; radial
+  tiles form W recentred on the mean of L, so that no term in the tile dtype is much larger than W.
 """
 
 import numba
@@ -64,13 +66,16 @@ _X_KERNELS = {"rbf": _RBF, "imq": _IMQ, "linear": _LINEAR}
 _Y_KERNELS = {**_X_KERNELS, "delta": _DELTA}
 
 # Tasks per thread in every step of the schedule (see `_group_count`).
-_TASKS_PER_THREAD = 4
+_TASKS_PER_THREAD = 2
 
 
 @_jit()
 def _n_steps(n_groups):
-    """Parallel steps of the schedule over ``n_groups`` groups: one for the diagonal groups, then the
-    rounds of `_step_groups` (n_groups - 1 of them for an even count, n_groups for an odd one)."""
+    """Parallel steps of the schedule over ``n_groups`` groups.
+
+    One for the groups on their own, then the rounds of `_step_groups`: n_groups - 1 of them for an even
+    count, n_groups for an odd one.
+    """
     return 1 + (n_groups - 1 if n_groups % 2 == 0 else n_groups)
 
 
@@ -127,6 +132,14 @@ def _task_tiles(step, task, n_groups, n_blocks):
     return tiles[:count]
 
 
+@_jit()
+def _tile_bounds(row_block, col_block, n):
+    """Sample ranges ``(i0, i1, j0, j1)`` of the rows and columns of tile (row_block, col_block), n samples."""
+    i0 = row_block * _BLOCK
+    j0 = col_block * _BLOCK
+    return i0, min(i0 + _BLOCK, n), j0, min(j0 + _BLOCK, n)
+
+
 @_jit(fastmath=_REDUCE_FLAGS)
 def _kernel_tile(side, row_block, col_block, dist, values, slopes, want_values, want_slopes):
     """Kernel values and/or radial slopes of one tile, in ``values[:rows, :cols]`` / ``slopes[:rows, :cols]``.
@@ -139,11 +152,7 @@ def _kernel_tile(side, row_block, col_block, dist, values, slopes, want_values, 
     "delta" writes [a_i0 == a_j0], reading the labels of the column block from its panel's first row.
     """
     kernel, params, a, a_sq, panels = side
-    n = a.shape[0]
-    i0 = row_block * _BLOCK
-    i1 = min(i0 + _BLOCK, n)
-    j0 = col_block * _BLOCK
-    j1 = min(j0 + _BLOCK, n)
+    i0, i1, j0, j1 = _tile_bounds(row_block, col_block, a.shape[0])
     rows = i1 - i0
     cols = j1 - j0
     if kernel == _LINEAR:
@@ -215,15 +224,13 @@ def _reduce_tile(k_tile, l_tile, rows, cols, row_k, row_l, col_k, col_l, mirrore
 
 @_jit(fastmath=_REDUCE_FLAGS)
 def _forward_tile(x_side, y_side, row_block, col_block, exclude_diagonal, row_k, row_l, scratch):
-    """Row and column sums of one tile added to row_k, row_l (float64 ``[n]``); returns its share of the
-    pair sum (an off-diagonal tile counts twice: it stands for its mirror image). scratch: the tuple of
-    `_sums`."""
+    """Add one tile's row and column sums to row_k, row_l (float64 ``[n]``); return its share of the pair sum.
+
+    An off-diagonal tile counts twice in the pair sum: it stands for its mirror image. x_side, y_side:
+    the samples' tuples (see `_kernel_tile`); scratch: the tuple of `_sums`.
+    """
     dist, k_tile, l_tile, col_k_acc, col_l_acc = scratch
-    n = row_k.shape[0]
-    i0 = row_block * _BLOCK
-    i1 = min(i0 + _BLOCK, n)
-    j0 = col_block * _BLOCK
-    j1 = min(j0 + _BLOCK, n)
+    i0, i1, j0, j1 = _tile_bounds(row_block, col_block, row_k.shape[0])
     diagonal = row_block == col_block
     _kernel_tile(x_side, row_block, col_block, dist, k_tile, k_tile, True, False)
     _kernel_tile(y_side, row_block, col_block, dist, l_tile, l_tile, True, False)
@@ -255,6 +262,7 @@ def _sums(x, y, kernel_x, params_x, kernel_y, params_y, exclude_diagonal, n_grou
     for step in range(_n_steps(n_groups)):
         for task in prange(_step_tasks(step, n_groups)):
             tiles = _task_tiles(step, np.int64(task), n_groups, n_blocks)
+            # Per-task scratch, reused by all its tiles: distances, K, L, column partials of K and L.
             scratch = (np.empty((_BLOCK, _BLOCK), dtype), np.empty((_BLOCK, _BLOCK), dtype),
                        np.empty((_BLOCK, _BLOCK), dtype), np.empty(_BLOCK, dtype), np.empty(_BLOCK, dtype))
             for tile in range(tiles.shape[0]):
@@ -274,10 +282,10 @@ def _radial_weights(partner_values, coeff, centre, offsets_rows, offsets_cols, r
 
     ``weights[i, j] *= W_ij``, ``W_ij = coeff * (partner_values[i, j] - centre) + offsets_rows[i] +
     offsets_cols[j]`` = dF/dK_ij + dF/dK_ji, with partner_values the other kernel's tile, coeff = 2 c1
-    and the recentred offsets of `_grads`; weights holds the slopes -f'(r_ij) on entry. On a diagonal tile the i == j weight is set to 0: its term is
-    (a_i - a_i) times the weight, exactly 0, so it is masked rather than cancelled. row_sums ``[rows]``
-    and col_sums ``[cols]`` receive the sums of the weights (in the same pass). All arrays in the tile
-    dtype, ``[:rows, :cols]`` of the tiles used.
+    and the recentred offsets of `_grads`; weights holds the slopes -f'(r_ij) on entry. On a diagonal
+    tile the i == j weight is set to 0: its term is (a_i - a_i) times the weight, exactly 0, so it is
+    masked rather than cancelled. row_sums ``[rows]`` and col_sums ``[cols]`` receive the sums of the
+    weights (in the same pass). All arrays in the tile dtype, ``[:rows, :cols]`` of the tiles used.
     """
     zero = weights.dtype.type(0)
     for j in range(cols):
@@ -346,19 +354,15 @@ def _tile_gradient(side, partner_values, slopes, weighting, pair_coeff, row_bloc
     tile's rows (V_ab = V_ba), from the transposed partner sums of `_partner_sums`.
     """
     kernel, _, a, _, _ = side
-    n = a.shape[0]
-    i0 = row_block * _BLOCK
-    i1 = min(i0 + _BLOCK, n)
-    j0 = col_block * _BLOCK
-    j1 = min(j0 + _BLOCK, n)
+    i0, i1, j0, j1 = _tile_bounds(row_block, col_block, a.shape[0])
     rows = i1 - i0
     cols = j1 - j0
     diagonal = row_block == col_block
     radial = kernel != _LINEAR
     if radial:
         offsets, centre = weighting
-        _radial_weights(partner_values, slopes.dtype.type(pair_coeff), centre, offsets[i0:i1], offsets[j0:j1], rows,
-                        cols, diagonal, slopes, row_sums, col_sums)
+        _radial_weights(partner_values, slopes.dtype.type(pair_coeff), centre, offsets[i0:i1], offsets[j0:j1],
+                        rows, cols, diagonal, slopes, row_sums, col_sums)
         weights = slopes
         scale = -2.0
     else:
@@ -418,9 +422,9 @@ def _backward_tile(x_side, y_side, row_block, col_block, exclude_diagonal, x_wei
         _kernel_tile(x_side, row_block, col_block, dist, k_values, k_slopes, with_gy, radial_x)
     _kernel_tile(y_side, row_block, col_block, dist, l_values, l_slopes, True, radial_y)
     if row_block == col_block and exclude_diagonal:
-        rows = min(_BLOCK, x_side[2].shape[0] - row_block * _BLOCK)
-        _mask_diagonal(k_values, rows)
-        _mask_diagonal(l_values, rows)
+        i0, i1, _, _ = _tile_bounds(row_block, col_block, x_side[2].shape[0])
+        _mask_diagonal(k_values, i1 - i0)
+        _mask_diagonal(l_values, i1 - i0)
     _tile_gradient(x_side, l_values, k_slopes, x_weighting, pair_coeff, row_block, col_block, gx, partners_x,
                    partners_x_t, row_sums, col_sums)
     if with_gy:
@@ -458,6 +462,8 @@ def _grads(x, y, kernel_x, params_x, kernel_y, params_y, exclude_diagonal, row_k
     for step in range(_n_steps(n_groups)):
         for task in prange(_step_tasks(step, n_groups)):
             tiles = _task_tiles(step, np.int64(task), n_groups, n_blocks)
+            # Per-task scratch, reused by all its tiles: distances, K values and slopes, L values and
+            # slopes, the partner sums of x and y (plain and transposed), row and column weight sums.
             scratch = (np.empty((_BLOCK, _BLOCK), dtype), np.empty((_BLOCK, _BLOCK), dtype),
                        np.empty((_BLOCK, _BLOCK), dtype), np.empty((_BLOCK, _BLOCK), dtype),
                        np.empty((_BLOCK, _BLOCK), dtype), np.empty((_BLOCK, p), dtype),
