@@ -89,15 +89,17 @@ __device__ inline double block_sum(double v) {
 }
 
 // The kernel as a function f of r (summed over the bandwidths, rbf or imq) and its slope
-// 2 f'(r), from one exponential (rbf) or one quotient (imq) per bandwidth. Callers that use one
-// of the two leave the other to dead-code elimination.
+// 2 f'(r), from one exponential (rbf) or one quotient (imq) per bandwidth. kValue and kSlope
+// choose what is computed (the other field stays 0). Written so that a slope-only profile is the
+// exact instruction sequence of a plain slope loop: other shapes of the same arithmetic made
+// ptxas allocate the double rbf gradient kernel of mmd_cuda.cu differently, with spills.
 template <typename scalar_t>
 struct KernelProfile {
   scalar_t value;  // f(r)
   scalar_t slope;  // 2 f'(r)
 };
 
-template <typename scalar_t, KernelKind kKind>
+template <typename scalar_t, KernelKind kKind, bool kValue = true, bool kSlope = true>
 __device__ __forceinline__ KernelProfile<scalar_t> kernel_profile(
     scalar_t r, const Bandwidths<scalar_t>& params) {
   static_assert(kKind == KernelKind::Rbf || kKind == KernelKind::Imq, "a kernel of r");
@@ -105,13 +107,21 @@ __device__ __forceinline__ KernelProfile<scalar_t> kernel_profile(
   for (int s = 0; s < params.count; ++s) {
     const scalar_t p = params.value[s];
     if constexpr (kKind == KernelKind::Rbf) {
-      const scalar_t e = exp_of(-p * r);
-      profile.value += e;
-      profile.slope -= scalar_t(2) * p * e;
+      // Both parts name exp(-p r); with both on, common-subexpression elimination keeps one.
+      if constexpr (kValue) {
+        profile.value += exp_of(-p * r);
+      }
+      if constexpr (kSlope) {
+        profile.slope -= scalar_t(2) * p * exp_of(-p * r);
+      }
     } else {
       const scalar_t q = p + r;
-      profile.value += p / q;
-      profile.slope -= scalar_t(2) * p / (q * q);
+      if constexpr (kValue) {
+        profile.value += p / q;
+      }
+      if constexpr (kSlope) {
+        profile.slope -= scalar_t(2) * p / (q * q);
+      }
     }
   }
   return profile;

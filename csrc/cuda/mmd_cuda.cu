@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kThreads) mmd_fwd_kernel(
           const scalar_t r =
               diagonal ? scalar_t(0)
                        : max(my_a_norms[i] + b_norm - scalar_t(2) * dots[i][j], scalar_t(0));
-          tile_sum += kernel_profile<scalar_t, kKind>(r, params).value;
+          tile_sum += kernel_profile<scalar_t, kKind, true, false>(r, params).value;
         }
       }
     }
@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) mmd_bwd_kernel(
             g = -1;
           } else {
             const scalar_t r = max(my_a_norms[i] + z_norm - scalar_t(2) * dots[i][j], scalar_t(0));
-            g = kernel_profile<scalar_t, kKind>(r, params).slope;
+            g = kernel_profile<scalar_t, kKind, false, true>(r, params).slope;
           }
         }
         grad_tiles.g[ty + kSide * i][tx + kSide * j] = g;
