@@ -73,17 +73,19 @@ def bench_op(benchmark, fn: Callable[..., torch.Tensor], inputs: list[torch.Tens
         return outputs.detach()
 
     value_error = relative_error(run(), truth)
-    assert value_error < VALUE_RTOL, f"{backend}: relative error {value_error:.2e} against float64"
-    if mode == "fwd+bwd":
-        for leaf, want in zip(leaves, truth_grads):
-            error = relative_error(leaf.grad, want)
-            assert error < GRAD_RTOL, f"{backend}: gradient error {error:.2e} of the largest entry"
-            leaf.grad = None
+    grad_errors = [relative_error(leaf.grad, want) for leaf, want in zip(leaves, truth_grads)] if mode == "fwd+bwd" else []
+    for leaf in leaves:
+        leaf.grad = None
+    # The float32 reference is the yardstick of speed, not of accuracy: its error is recorded only
+    # (for HSIC the materialised centring costs it a few 1e-5).
+    if backend != "reference":
+        assert value_error < VALUE_RTOL, f"{backend}: relative error {value_error:.2e} against float64"
+        assert max(grad_errors, default=0.0) < GRAD_RTOL, f"{backend}: gradient error {max(grad_errors):.2e} of the largest entry"
     peak = peak_extra_bytes(run, DEVICE)
     benchmark.group = f"{op} {case} {mode}"
     benchmark.extra_info.update(
         op=op, case=case, mode=mode, backend=backend, device=DEVICE, peak_extra_bytes=peak,
-        relative_error=value_error, threads=torch.get_num_threads(), **info,
+        relative_error=value_error, max_grad_error=max(grad_errors, default=None), threads=torch.get_num_threads(), **info,
     )
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0)
 
