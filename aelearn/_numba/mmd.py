@@ -80,7 +80,6 @@ def _radial_sums(x, y, kernel, params, unbiased, tasks):
     the result does not depend on the number of threads.
     """
     dtype = x.dtype
-    d = x.shape[1]
     tile_params = params.astype(dtype)
     x_sq = _squared_norms(x)
     y_sq = _squared_norms(y)
