@@ -103,7 +103,7 @@ def register_standard_backends(
     *,
     reference: Callable,
     forward: str,
-    backward: str,
+    backward: str | None,
     module: str,
     tolerances: dict[torch.dtype, tuple[float, float]],
     cpp_input_reasons: Callable[..., list[str]] = cpp_row_limit,
@@ -113,8 +113,13 @@ def register_standard_backends(
 
     ``reference``: the materialising forward, differentiated by autograd (``backward=None``).
     ``forward`` / ``backward``: the function names, the same in the extension (``torch.ops.aelearn``),
-    in ``aelearn._numba.<module>`` and in ``aelearn.kernels.<module>``.
+    in ``aelearn._numba.<module>`` and in ``aelearn.kernels.<module>``. ``backward=None``: the fused
+    backends provide a forward only, and the op's wrapper differentiates it in plain torch.
     """
+
+    def backward_of(make: Callable) -> Callable | None:
+        return None if backward is None else make(backward)
+
     numba_module = f"aelearn._numba.{module}"
     triton_module = f"aelearn.kernels.{module}"
 
@@ -137,21 +142,21 @@ def register_standard_backends(
              availability=lambda: None, **{**common, "dtypes": ALL_FLOATS})
     )
     _registry.register(
-        Impl(name="cpp", forward=_extension_op(forward), backward=_extension_op(backward), devices=("cpu",),
+        Impl(name="cpp", forward=_extension_op(forward), backward=backward_of(_extension_op), devices=("cpu",),
              availability=cpp_availability, input_reasons=cpp_input_reasons, **common)
     )
     _registry.register(
-        Impl(name="cuda", forward=_extension_op(forward), backward=_extension_op(backward), devices=("cuda",),
+        Impl(name="cuda", forward=_extension_op(forward), backward=backward_of(_extension_op), devices=("cuda",),
              availability=cuda_availability, input_reasons=cuda_input_reasons, **common)
     )
     _registry.register(
         Impl(name="numba", forward=_module_function(numba_module, forward),
-             backward=_module_function(numba_module, backward), devices=("cpu",),
+             backward=backward_of(functools.partial(_module_function, numba_module)), devices=("cpu",),
              availability=numba_availability, **common)
     )
     _registry.register(
         Impl(name="triton", forward=_module_function(triton_module, forward),
-             backward=_module_function(triton_module, backward),
+             backward=backward_of(functools.partial(_module_function, triton_module)),
              devices=("cuda", "cpu") if triton_interpreted() else ("cuda",),
              availability=triton_availability, **common)
     )

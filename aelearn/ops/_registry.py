@@ -35,7 +35,9 @@ class BackendUnavailableError(RuntimeError):
 class Impl:
     """One backend of one op.
 
-    ``forward`` and ``backward`` have the op's own signature (see the op module). ``availability``
+    ``forward`` and ``backward`` have the op's own signature (see the op module); ``backward`` is
+    None where the op's wrapper differentiates the forward itself (by autograd through the reference,
+    or in plain torch for forward-only ops such as ``vq_nearest``). ``availability``
     returns ``None`` when the backend can run at all on this installation, else the reason it
     cannot. ``input_reasons(*inputs)`` lists why it cannot run these particular inputs (beyond
     device and dtype, which are checked here from ``devices`` and ``dtypes``). ``tolerances`` maps
@@ -45,7 +47,7 @@ class Impl:
     op: str
     name: str
     forward: Callable
-    backward: Callable
+    backward: Callable | None
     devices: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
     availability: Callable[[], str | None]
