@@ -1,8 +1,10 @@
 """Turn pytest-benchmark JSON into the benchmark report: a table, a Markdown file and a PNG.
 
 For every group (one op, case and mode) each backend's median time is compared with the
-reference's median time *in the same run*; groups too large for the reference are reported in
-seconds with peak memory, and as the largest size each backend handled.
+reference's median time *in the same run* — or, in groups that time outside yardsticks (rows
+recorded with ``yardstick=True``: torch.cdist, FAISS, another library's layer, one cuBLAS GEMM),
+with each yardstick's; groups too large for either are reported in seconds with peak memory, and as
+the largest size each backend handled.
 
     python benchmarks/report.py bench-results/benchmarks.json --out bench-results
 """
@@ -29,6 +31,7 @@ def load_rows(path: Path) -> dict[str, list[dict]]:
                 "rounds": bench["stats"]["rounds"],
                 "peak_mib": info["peak_extra_bytes"] / 2**20,
                 "relative_error": info["relative_error"],
+                "yardstick": info.get("yardstick", False),
             }
         )
     return groups
@@ -36,18 +39,25 @@ def load_rows(path: Path) -> dict[str, list[dict]]:
 
 def table(groups: dict[str, list[dict]]) -> list[str]:
     lines = [
-        "| group | backend | median time | speed-up vs reference (same run) | peak extra memory | rel. error vs float64 |",
+        "| group | backend | median time | speed-up (same run) | peak extra memory | rel. error vs float64 |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for group, rows in groups.items():
-        reference = next((r["median_s"] for r in rows if r["backend"] == "reference"), None)
+        bases = baselines(rows)
         for row in sorted(rows, key=lambda r: r["median_s"]):
-            speedup = f"{reference / row['median_s']:.1f}×" if reference else "no reference (too large)"
+            speedup = ", ".join(f"{base['median_s'] / row['median_s']:.1f}× vs {base['backend']}" for base in bases if base is not row)
+            error = "—" if row["relative_error"] is None else f"{row['relative_error']:.1e}"
             lines.append(
-                f"| {group} | {row['backend']} ({row['device']}) | {row['median_s'] * 1e3:.1f} ms | {speedup} | "
-                f"{row['peak_mib']:.1f} MiB | {row['relative_error']:.1e} |"
+                f"| {group} | {row['backend']} ({row['device']}) | {row['median_s'] * 1e3:.1f} ms | "
+                f"{speedup or ('baseline' if bases else 'no reference (too large)')} | {row['peak_mib']:.1f} MiB | {error} |"
             )
     return lines
+
+
+def baselines(rows: list[dict]) -> list[dict]:
+    """What a group's rows are compared with: its yardsticks, else its reference (possibly none)."""
+    yardsticks = [r for r in rows if r["yardstick"]]
+    return yardsticks or [r for r in rows if r["backend"] == "reference"]
 
 
 def largest_sizes(groups: dict[str, list[dict]]) -> list[str]:
@@ -67,21 +77,24 @@ def plot(groups: dict[str, list[dict]], out: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    comparable = {g: rows for g, rows in groups.items() if any(r["backend"] == "reference" for r in rows)}
-    if not comparable:
-        return None
-    fig, ax = plt.subplots(figsize=(9, 0.6 + 0.9 * len(comparable)))
     labels, speedups = [], []
-    for group, rows in comparable.items():
-        reference = next(r["median_s"] for r in rows if r["backend"] == "reference")
+    for group, rows in groups.items():
+        bases = baselines(rows)
+        if not bases:
+            continue
+        # Against the slowest baseline of the group (the reference, or the slowest yardstick).
+        base = max(bases, key=lambda r: r["median_s"])
         for row in rows:
-            if row["backend"] != "reference":
-                labels.append(f"{group} · {row['backend']}")
-                speedups.append(reference / row["median_s"])
+            if row is not base and not row["yardstick"]:
+                labels.append(f"{group} · {row['backend']} vs {base['backend']}")
+                speedups.append(base["median_s"] / row["median_s"])
+    if not labels:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 0.6 + 0.45 * len(labels)))
     ax.barh(labels, speedups)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("speed-up over the reference (same run, median)")
+    ax.set_xlabel("speed-up over the group's baseline (same run, median)")
     ax.invert_yaxis()
     fig.tight_layout()
     path = out / "report.png"

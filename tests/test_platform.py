@@ -35,7 +35,7 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 
 def test_the_backends_this_machine_should_run_are_available():
     """Guards the harness against skipping into green: what can run here must not be skipped."""
-    assert set(aelearn.backends()) == {"hsic", "log_qz", "mmd"}
+    assert set(aelearn.backends()) == {"hsic", "log_qz", "mmd", "vq_nearest"}
     for op, table in aelearn.backends().items():
         assert set(table) == set(_registry.BACKEND_NAMES), op
         assert table["reference"] is None
@@ -77,6 +77,7 @@ def test_library_ops_pass_opcheck():
         torch.ops.aelearn.log_qz_backward.default,
         (z, mu, logvar, groups, 2, -2.0, -1.0, -3.0, joint, marginals, torch.ones_like(joint), torch.ones_like(marginals)),
     )
+    torch.library.opcheck(torch.ops.aelearn.vq_nearest.default, (torch.randn(9, 4), torch.randn(5, 4)))
 
 
 def test_selection_order_argument_context_environment_priority(monkeypatch):
@@ -173,6 +174,8 @@ MEMORY_CASES = {
     "hsic": ("hsic(torch.randn(n, 8, requires_grad=True), torch.randn(n, 8, requires_grad=True), bandwidth_x=1.0, bandwidth_y=2.0, backend=BACKEND).backward()", 12_000, 128),
     # B×B float32 at 8,192: 256 MiB; B×B×D: 4 GiB.
     "log_qz": ("total_correlation(*torch.randn(3, n, 16, requires_grad=True), dataset_size=10 * n, estimator='mss', backend=BACKEND).backward()", 8_192, 64),
+    # N×K float32 at 100,000 × 8192: 3 GiB; z, its gradient and the backward's temporaries: 6 MiB each.
+    "vq_nearest": ("vq_nearest(torch.randn(n, 16, requires_grad=True), torch.randn(8192, 16), backend=BACKEND)[1].sum().backward()", 100_000, 64),
 }
 
 
@@ -186,7 +189,7 @@ def test_forward_and_backward_stay_memory_linear(op, backend):
     completed = run_python(
         f"""
         import torch
-        from aelearn.ops import hsic, mmd, total_correlation
+        from aelearn.ops import hsic, mmd, total_correlation, vq_nearest
         from peak_memory import peak_extra_bytes
 
         BACKEND = "{backend}"
