@@ -36,7 +36,7 @@ def info_text() -> str:
     lines += ["", "backends:"]
     for op, table in aelearn.backends().items():
         for name, reason in table.items():
-            lines.append(f"  {op:<8} {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+            lines.append(f"  {op:<10} {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
     return "\n".join(lines)
 
 
