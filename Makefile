@@ -28,6 +28,7 @@ test: install
 	$(VENV)/bin/pytest tests -q
 
 bench: install
+	$(PIP) install -r requirements-bench.txt
 	mkdir -p $(BENCH_DIR)
 	$(VENV)/bin/pytest benchmarks -q --benchmark-json=$(BENCH_DIR)/benchmarks.json
 	$(PY) benchmarks/report.py $(BENCH_DIR)/benchmarks.json --out $(BENCH_DIR)
