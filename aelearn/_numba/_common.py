@@ -1,15 +1,16 @@
-"""Building blocks shared by the numba kernels: the jit decorator, fast-math flag sets and a
-vectorisable exp for non-positive arguments."""
+"""Building blocks shared by the numba kernels: the jit decorator, fast-math flag sets, a vectorisable
+exp for non-positive arguments and the input check of the entry points."""
 
 import math
 
 import numba
 import numpy as np
+import torch
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-__all__ = ["REDUCE_FLAGS", "FMA_FLAGS", "jit", "exp_nonpositive"]
+__all__ = ["REDUCE_FLAGS", "FMA_FLAGS", "jit", "exp_nonpositive", "checked_numpy"]
 
 # Fast-math flags for loops whose only licence needed is reordering of sums (vectorised reductions)
 # and fused multiply-add. No nnan/ninf/afn: masking, clamping and the exp range checks must keep
@@ -129,3 +130,20 @@ def exp_nonpositive_impl(v):
     if v == types.float64:
         return _exp_f64
     return None
+
+
+def checked_numpy(tensor, name, shape, dtype):
+    """The tensor as a numpy array (no copy), after checking it is a contiguous CPU tensor of that
+    shape and dtype; ``None`` in ``shape`` accepts any size there."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got {tensor.device}")
+    if tensor.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {tensor.dtype}")
+    if tensor.dim() != len(shape) or any(want is not None and got != want for got, want in zip(tensor.shape, shape)):
+        expected = ", ".join("*" if want is None else str(want) for want in shape)
+        raise ValueError(f"{name} must have shape [{expected}], got {list(tensor.shape)}")
+    if not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    return tensor.detach().numpy()

@@ -45,6 +45,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from aelearn._numba._common import REDUCE_FLAGS as _REDUCE_FLAGS
+from aelearn._numba._common import checked_numpy as _checked_numpy
 from aelearn._numba._common import exp_nonpositive as _exp_nonpositive
 from aelearn._numba._common import jit as _jit
 
@@ -323,34 +324,17 @@ def _backward(z, mu, logvar, group_of_dim, first_of_group, log_w_self, log_w_nex
     return grad_z.astype(z.dtype), grad_mu.astype(z.dtype), grad_logvar.astype(z.dtype)
 
 
-def _numpy(tensor, name, shape, dtype):
-    """The tensor as a numpy array (no copy), after checking it is a contiguous CPU tensor of that
-    shape and dtype; ``None`` in ``shape`` accepts any size there."""
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.device.type != "cpu":
-        raise ValueError(f"{name} must be on the CPU, got {tensor.device}")
-    if tensor.dtype != dtype:
-        raise ValueError(f"{name} must be {dtype}, got {tensor.dtype}")
-    if tensor.dim() != len(shape) or any(want is not None and got != want for got, want in zip(tensor.shape, shape)):
-        expected = ", ".join("*" if want is None else str(want) for want in shape)
-        raise ValueError(f"{name} must have shape [{expected}], got {list(tensor.shape)}")
-    if not tensor.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-    return tensor.detach().numpy()
-
-
 def _common_inputs(z, mu, logvar, group_of_dim, num_groups):
     """Checked numpy views of the inputs both passes share, plus the first-dim-of-group flags [D]."""
     if not isinstance(z, torch.Tensor) or z.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"z must be a float32 or float64 tensor, got {getattr(z, 'dtype', type(z).__name__)}")
-    za = _numpy(z, "z", (None, None), z.dtype)
+    za = _checked_numpy(z, "z", (None, None), z.dtype)
     rows, dims = za.shape
     if rows < 1 or dims < 1:
         raise ValueError(f"z must have at least one row and one column, got {list(z.shape)}")
-    mua = _numpy(mu, "mu", (rows, dims), z.dtype)
-    logvara = _numpy(logvar, "logvar", (rows, dims), z.dtype)
-    groupa = _numpy(group_of_dim, "group_of_dim", (dims,), torch.int64)
+    mua = _checked_numpy(mu, "mu", (rows, dims), z.dtype)
+    logvara = _checked_numpy(logvar, "logvar", (rows, dims), z.dtype)
+    groupa = _checked_numpy(group_of_dim, "group_of_dim", (dims,), torch.int64)
     num_groups = int(num_groups)
     if groupa.min() < 0 or groupa.max() >= num_groups:
         raise ValueError(f"group_of_dim values must lie in [0, num_groups = {num_groups})")
@@ -397,7 +381,7 @@ def log_qz_backward(z, mu, logvar, group_of_dim, num_groups, log_w_self, log_w_n
     rows = za.shape[0]
     num_groups = int(num_groups)
     saved = [
-        _numpy(tensor, name, shape, z.dtype)
+        _checked_numpy(tensor, name, shape, z.dtype)
         for tensor, name, shape in (
             (log_qz, "log_qz", (rows,)),
             (log_qz_groups, "log_qz_groups", (rows, num_groups)),
