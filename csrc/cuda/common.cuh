@@ -1,6 +1,7 @@
 // Building blocks shared by the CUDA kernels of the pairwise-kernel ops (mmd_cuda.cu,
 // hsic_cuda.cu): kernel profiles, the tiled dot products of two samples staged in shared memory,
-// the gradient tile product G @ z, block reductions, launch helpers and input checks.
+// the gradient tile product G @ z, block reductions, launch helpers and input checks. vq_cuda.cu
+// uses the thread layout, warp sums and launch helpers.
 //
 // Thread layout: 16 x 16 threads; thread (ty, tx) owns the kMicro x kMicro entries
 // (ty + 16 i, tx + 16 j) of a kTile x kTile pair tile, i.e. strided rows and columns, which keeps
@@ -370,11 +371,15 @@ void with_kernel_kind(KernelKind kind, F&& f) {
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Column splits so that programs * splits reaches 4 blocks per SM, at most one per column tile.
-inline int64_t num_splits(int64_t programs, int64_t col_tiles, int device) {
+inline int multiprocessor_count(int device) {
   int sm_count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  const int64_t target = 4 * static_cast<int64_t>(sm_count);
+  return sm_count;
+}
+
+// Column splits so that programs * splits reaches 4 blocks per SM, at most one per column tile.
+inline int64_t num_splits(int64_t programs, int64_t col_tiles, int device) {
+  const int64_t target = 4 * static_cast<int64_t>(multiprocessor_count(device));
   return std::max<int64_t>(1, std::min(col_tiles, ceil_div(target, programs)));
 }
 
