@@ -1,10 +1,11 @@
 // Building blocks of the CPU kernels that sum a pair kernel k(a_i, b_j) over every pair of rows of
-// two samples without holding the n x m matrix (used by mmd_cpu.cpp and hsic_cpu.cpp):
+// two samples without holding the n x m matrix (used by mmd_cpu.cpp and hsic_cpu.cpp; vq_cpu.cpp
+// uses the register tile, the panels and the helpers):
 //   * PackedSample: a sample laid out for register tiles (interleaved row and column panels,
 //     squared norms, zero-padded rows);
-//   * dot_tile / distance_tile: a register tile of kPairRows x kPairCols dot products or squared
-//     distances, computed like a matrix product (one broadcast row value times one vector of column
-//     values per step of the feature loop);
+//   * add_dot_panel_tile: a register tile of dot products of any shape, computed like a matrix
+//     product (one broadcast row value times one vector of column values per step of the feature
+//     loop); dot_tile / distance_tile: its kPairRows x kPairCols dot products or squared distances;
 //   * TileCoverage / pair_mask: which pairs of a tile count (symmetric terms keep j > i only);
 //   * GaussianKernel / InverseMultiquadricKernel: kernel values and derivatives from distances;
 //   * BlockWorkspace / scatter_block_weights / SharedGradient / finish_gradient: the backward of a
@@ -266,30 +267,38 @@ std::vector<T> derivative_factors(c10::ArrayRef<double> params, double coefficie
 template <typename T>
 using PairTile = Vec<T>[Tiling<T>::kPairRows][Tiling<T>::kPairColVectors];
 
+// Adds to a register tile the dot products between kRows broadcast vectors and kColVectors * kLanes
+// column vectors, like a matrix product: dots[i][v] lane l += sum_k row_values[k * kRows + i] *
+// col_values[k * kColVectors * kLanes + v * kLanes + l] over k < dim (both operands interleaved
+// in panels, see pack_panels). Each step of the feature loop loads kColVectors vectors and
+// broadcasts kRows values, so that kRows * kColVectors accumulators (plus the column vectors) must
+// fit in the vector registers. The caller sets the starting values (zeros for plain products).
+template <typename T, int kRows, int kColVectors>
+inline __attribute__((always_inline)) void add_dot_panel_tile(const T* row_values, const T* col_values, int64_t dim,
+                                                              Vec<T> (&dots)[kRows][kColVectors]) {
+  constexpr int kLanes = simd::kLanes<T>;
+  constexpr int kCols = kColVectors * kLanes;
+  for (int64_t k = 0; k < dim; ++k) {
+    Vec<T> col_vectors[kColVectors];
+    for (int v = 0; v < kColVectors; ++v) col_vectors[v] = simd::load(col_values + k * kCols + v * kLanes);
+    for (int i = 0; i < kRows; ++i) {
+      const Vec<T> row_value = simd::splat(row_values[k * kRows + i]);
+      for (int v = 0; v < kColVectors; ++v) dots[i][v] += row_value * col_vectors[v];
+    }
+  }
+}
+
 // Dot products a.b between rows [first_row, first_row + kPairRows) of `rows` and
 // [first_col, first_col + kPairCols) of `cols` (zeros for rows or columns past the samples' ends).
 template <typename T>
 inline __attribute__((always_inline)) void dot_tile(const PackedSample<T>& rows, int64_t first_row,
                                                     const PackedSample<T>& cols, int64_t first_col, PairTile<T>& dots) {
   using Tiles = Tiling<T>;
-  constexpr int kRows = Tiles::kPairRows;
-  constexpr int kColVectors = Tiles::kPairColVectors;
-  const T* row_values = rows.row_panel(first_row);
-  const T* col_values = cols.col_panel(first_col);
-
-  for (int i = 0; i < kRows; ++i) {
-    for (int v = 0; v < kColVectors; ++v) dots[i][v] = Vec<T>{};
+  for (int i = 0; i < Tiles::kPairRows; ++i) {
+    for (int v = 0; v < Tiles::kPairColVectors; ++v) dots[i][v] = Vec<T>{};
   }
-  for (int64_t k = 0; k < rows.dim; ++k) {
-    Vec<T> col_vectors[kColVectors];
-    for (int v = 0; v < kColVectors; ++v) {
-      col_vectors[v] = simd::load(col_values + k * Tiles::kPairCols + v * Tiles::kLanes);
-    }
-    for (int i = 0; i < kRows; ++i) {
-      const Vec<T> row_value = simd::splat(row_values[k * kRows + i]);
-      for (int v = 0; v < kColVectors; ++v) dots[i][v] += row_value * col_vectors[v];
-    }
-  }
+  add_dot_panel_tile<T, Tiles::kPairRows, Tiles::kPairColVectors>(rows.row_panel(first_row),
+                                                                  cols.col_panel(first_col), rows.dim, dots);
 }
 
 // Squared distances between the rows and columns of dot_tile, as ||a||^2 + ||b||^2 - 2 a.b clamped

@@ -6,12 +6,16 @@
 // intrinsics would tie the code to one instruction set. Vector extensions are compiled to
 // AVX-512, AVX2, SSE or NEON by the target flags (the extension is built with -march=native),
 // from one source; only simd_exp.h adds an AVX-512 specialisation, for two instructions that have
-// no portable spelling. GCC and Clang only.
+// no portable spelling, and any_lane one test instruction on x86. GCC and Clang only.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 #include <utility>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace aelearn::simd {
 
@@ -91,6 +95,26 @@ inline VecBits<T> lane_indices() {
   VecBits<T> value;
   for (int lane = 0; lane < kLanes<T>; ++lane) value[lane] = lane;
   return value;
+}
+
+// Whether any lane of a comparison result is true. A branch on it needs the lanes gathered into
+// one flag: a single test instruction on x86 (no portable spelling), a lane loop elsewhere.
+template <typename T>
+inline bool any_lane(VecBits<T> mask) {
+#if defined(__AVX512F__)
+  if constexpr (kVectorBytes == 64) {
+    const __m512i bits = reinterpret_cast<__m512i>(mask);
+    return _mm512_test_epi32_mask(bits, bits) != 0;
+  }
+#elif defined(__AVX__)
+  if constexpr (kVectorBytes == 32) {
+    const __m256i bits = reinterpret_cast<__m256i>(mask);
+    return _mm256_testz_si256(bits, bits) == 0;
+  }
+#endif
+  bool any = false;
+  for (int lane = 0; lane < kLanes<T>; ++lane) any |= mask[lane] != 0;
+  return any;
 }
 
 // Lanes where `keep` is false become +0.0.
