@@ -205,3 +205,16 @@ def test_forward_and_backward_stay_memory_linear(op, backend):
         PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "benchmarks"),
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def test_finite_check_reads_every_slab_of_rows(monkeypatch):
+    from aelearn.ops import _kernels
+
+    monkeypatch.setattr(_kernels, "FINITE_CHECK_ELEMENTS", 6)
+    _kernels.check_finite("z", torch.empty(0, 4))
+    _kernels.check_finite("z", torch.randn(11, 4).T)
+    for row in (0, 5, 10):
+        z = torch.randn(11, 4)
+        z[row, 3] = float("nan") if row != 5 else float("-inf")
+        with pytest.raises(ValueError, match="z contains NaN or Inf"):
+            _kernels.check_finite("z", z)

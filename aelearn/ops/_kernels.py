@@ -61,7 +61,7 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     if t.dim() == 0:
         slabs = [t]
     else:
-        rows = max(1, FINITE_CHECK_ELEMENTS // max(1, t[0].numel()))
+        rows = max(1, FINITE_CHECK_ELEMENTS // max(1, math.prod(t.shape[1:])))
         slabs = t.split(rows)
     if not all(bool(torch.isfinite(slab).all()) for slab in slabs):
         raise ValueError(f"{name} contains NaN or Inf")
