@@ -213,12 +213,13 @@ class VectorQuantizer(nn.Module):
         loss = self.commitment * sqdist.sum() / elements
         if self.ema_decay is None:
             loss = loss + (codes - vectors.detach()).pow(2).sum() / elements
-        counts = torch.bincount(indices, minlength=self.num_codes)
-        revived = torch.zeros((), dtype=torch.int64, device=flat.device)
         if self.training:
             with torch.no_grad():
                 counts = self._update(vectors.detach(), indices)
                 revived = self._revive_dead_codes(vectors.detach())
+        else:
+            counts = torch.bincount(indices, minlength=self.num_codes)
+            revived = torch.zeros((), dtype=torch.int64, device=flat.device)
         return codes, indices, loss.to(flat.dtype), counts, revived
 
     @torch.no_grad()
