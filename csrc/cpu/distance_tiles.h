@@ -1,11 +1,12 @@
 // Building blocks of the CPU kernels that sum a pair kernel k(a_i, b_j) over every pair of rows of
 // two samples without holding the n x m matrix (used by mmd_cpu.cpp and hsic_cpu.cpp; vq_cpu.cpp
-// uses the register tile, the panels and the helpers):
+// uses the register tile, the panels and the helpers, pixelcnn_cpu.cpp the strided register tile):
 //   * PackedSample: a sample laid out for register tiles (interleaved row and column panels,
 //     squared norms, zero-padded rows);
-//   * add_dot_panel_tile: a register tile of dot products of any shape, computed like a matrix
-//     product (one broadcast row value times one vector of column values per step of the feature
-//     loop); dot_tile / distance_tile: its kPairRows x kPairCols dot products or squared distances;
+//   * add_dot_tile / add_dot_panel_tile: a register tile of dot products of any shape, on strided
+//     operands / on panels, computed like a matrix product (one broadcast row value times one
+//     vector of column values per step of the feature loop); dot_tile / distance_tile: its
+//     kPairRows x kPairCols dot products or squared distances;
 //   * TileCoverage / pair_mask: which pairs of a tile count (symmetric terms keep j > i only);
 //   * GaussianKernel / InverseMultiquadricKernel: kernel values and derivatives from distances;
 //   * BlockWorkspace / scatter_block_weights / SharedGradient / finish_gradient: the backward of a
@@ -267,25 +268,33 @@ std::vector<T> derivative_factors(c10::ArrayRef<double> params, double coefficie
 template <typename T>
 using PairTile = Vec<T>[Tiling<T>::kPairRows][Tiling<T>::kPairColVectors];
 
-// Adds to a register tile the dot products between kRows broadcast vectors and kColVectors * kLanes
-// column vectors, like a matrix product: dots[i][v] lane l += sum_k row_values[k * kRows + i] *
-// col_values[k * kColVectors * kLanes + v * kLanes + l] over k < dim (both operands interleaved
-// in panels, see pack_panels). Each step of the feature loop loads kColVectors vectors and
-// broadcasts kRows values, so that kRows * kColVectors accumulators (plus the column vectors) must
-// fit in the vector registers. The caller sets the starting values (zeros for plain products).
+// Adds to a register tile the dot products between kRows rows and kColVectors * kLanes columns, like
+// a matrix product: dots[i][v] lane l += sum_k row_values[i * row_stride + k * row_step] *
+// col_values[k * col_stride + v * kLanes + l] over k < dim. Each step of the feature loop loads
+// kColVectors vectors and broadcasts kRows values, so that kRows * kColVectors accumulators (plus the
+// column vectors) must fit in the vector registers. The caller sets the starting values (zeros for
+// plain products).
 template <typename T, int kRows, int kColVectors>
-inline __attribute__((always_inline)) void add_dot_panel_tile(const T* row_values, const T* col_values, int64_t dim,
-                                                              Vec<T> (&dots)[kRows][kColVectors]) {
+inline __attribute__((always_inline)) void add_dot_tile(const T* row_values, int64_t row_stride, int64_t row_step,
+                                                        const T* col_values, int64_t col_stride, int64_t dim,
+                                                        Vec<T> (&dots)[kRows][kColVectors]) {
   constexpr int kLanes = simd::kLanes<T>;
-  constexpr int kCols = kColVectors * kLanes;
   for (int64_t k = 0; k < dim; ++k) {
     Vec<T> col_vectors[kColVectors];
-    for (int v = 0; v < kColVectors; ++v) col_vectors[v] = simd::load(col_values + k * kCols + v * kLanes);
+    for (int v = 0; v < kColVectors; ++v) col_vectors[v] = simd::load(col_values + k * col_stride + v * kLanes);
     for (int i = 0; i < kRows; ++i) {
-      const Vec<T> row_value = simd::splat(row_values[k * kRows + i]);
+      const Vec<T> row_value = simd::splat(row_values[i * row_stride + k * row_step]);
       for (int v = 0; v < kColVectors; ++v) dots[i][v] += row_value * col_vectors[v];
     }
   }
+}
+
+// add_dot_tile on operands interleaved in panels (see pack_panels): row_values [dim, kRows],
+// col_values [dim, kColVectors * kLanes].
+template <typename T, int kRows, int kColVectors>
+inline __attribute__((always_inline)) void add_dot_panel_tile(const T* row_values, const T* col_values, int64_t dim,
+                                                              Vec<T> (&dots)[kRows][kColVectors]) {
+  add_dot_tile<T, kRows, kColVectors>(row_values, 1, kRows, col_values, kColVectors * simd::kLanes<T>, dim, dots);
 }
 
 // Dot products a.b between rows [first_row, first_row + kPairRows) of `rows` and
