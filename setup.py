@@ -68,7 +68,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["aelearn", "aelearn.ops", "aelearn._numba", "aelearn.data", "aelearn.layers", "aelearn.losses", "aelearn.models", "aelearn.stats", "aelearn.train", "aelearn.kernels"],
+    packages=["aelearn", "aelearn.ops", "aelearn._numba", "aelearn.data", "aelearn.layers", "aelearn.losses", "aelearn.models", "aelearn.stats", "aelearn.train", "aelearn.metrics", "aelearn.kernels"],
     package_dir={"aelearn.kernels": "kernels"},
     ext_modules=[] if _flag("AELEARN_NO_EXT") else [CMakeExtension("aelearn._C")],
     cmdclass={"build_ext": CMakeBuild},

@@ -29,7 +29,7 @@ from common import DEVICE, bench_op, timed_backends
 
 from aelearn.models.pixelcnn import PixelCNN
 from aelearn.ops import _registry
-from aelearn.ops.pixelcnn import pixelcnn_step
+from aelearn.ops.pixelcnn import StepWeights, pixelcnn_step
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def test_pixelcnn_step(benchmark, case: Case, backend: str):
     inputs, col = step_case_inputs(case)
 
     def step(x_row, h_row, v_row, *weights, backend):
-        logits, h_col = pixelcnn_step(x_row, h_row, v_row, col, type(case.model().step_weights())(*weights), backend=backend)
+        logits, h_col = pixelcnn_step(x_row, h_row, v_row, col, StepWeights(*weights), backend=backend)
         return torch.cat([logits.flatten(), h_col.flatten()])
 
     bench_op(benchmark, step, inputs, op="pixelcnn_step", case=case.name, mode="fwd", backend=backend, rounds=200,

@@ -10,11 +10,19 @@ import sys
 import pytest
 
 from aelearn.cli import main
+from aelearn.metrics.report import PICTURES
+from aelearn.models import MODELS
 from aelearn.train import TrainConfig
+from test_report import linked_pictures, png_size
 
 # A few steps of the README's command, small enough for a test.
 QUICK = ["--steps", "3", "--batch-size", "8", "checkpoint_every=2", "log_every=1", "image_every=0", "progress=false",
          "eval_examples=16", "model_options.latent_dim=4"]
+
+
+# `aelearn eval` with small protocols (the published ones take minutes on a CPU).
+SMALL_EVAL = ["--metrics", "mig,unsupervised", "--num-train", "100", "--aggregate-examples", "64", "--iwae-samples", "4",
+              "--no-entropy"]
 
 
 def aelearn(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -30,11 +38,34 @@ def test_train_then_eval_from_the_readme(tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["model"] == "beta_vae" and config["steps"] == 3 and config["model_options"] == {"latent_dim": 4}
     assert (run / "metrics.csv").is_file() and any((run / "checkpoints").iterdir())
-    completed = aelearn("eval", str(run))
+    completed = aelearn("eval", str(run), *SMALL_EVAL)
     assert completed.returncode == 0, completed.stderr[-2000:]
     results = json.loads((run / "eval.json").read_text())
     assert results["step"] == 3 and results["examples"] == 16 and {"loss", "reconstruction", "kl"} <= set(results)
     assert f"{results['loss']:.6g}" in completed.stdout
+    assert f"{results['metrics']['mig']['mig']:.6g}" in completed.stdout and "written: " in completed.stdout
+    # The report links its pictures, every one a valid PNG next to it.
+    report = run / "report.md"
+    assert {picture.name for picture in linked_pictures(report)} == set(PICTURES)
+    for picture in linked_pictures(report):
+        assert png_size(picture) > (10, 10)
+    assert set(results["metrics"]) == {"mig", "unsupervised"} and results["elbo_decomposition"]["dataset_size"] == 64
+    assert "--num-train 100" in report.read_text()
+
+
+def test_eval_of_a_run_without_factors(tmp_path):
+    run = tmp_path / "digits"
+    assert main(["train", "--data", "digits", "--model", "vae", "--out", str(run), *QUICK]) == 0
+    completed = aelearn("eval", str(run), "--examples", "32", "--num-train", "100", "--iwae-samples", "2")
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    results = json.loads((run / "eval.json").read_text())
+    # The whole dataset forms the aggregate posterior by default; the metrics are the unsupervised ones.
+    assert results["elbo_decomposition"]["dataset_size"] == 1797 and results["elbo_decomposition"]["num_samples"] == 32
+    assert list(results["metrics"]) == ["unsupervised"] and "data_entropy" not in results
+    text = (run / "report.md").read_text()
+    assert "unknown for data without a factor grid" in text
+    for picture in linked_pictures(run / "report.md"):
+        png_size(picture)
 
 
 def test_resume_continues_a_run_and_a_finished_run_is_never_overwritten(tmp_path):
@@ -62,12 +93,14 @@ def test_config_file_with_command_line_overrides(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, words",
     [
-        (["train", "--model", "nope", "--steps", "1"], "unknown model 'nope'; valid models: beta_vae, vae"),
+        (["train", "--model", "nope", "--steps", "1"], f"unknown model 'nope'; valid models: {', '.join(sorted(MODELS))}"),
         (["train", "--data", "nope", "--steps", "1"], "unknown dataset 'nope'"),
         (["train", "bogus=1"], "unknown configuration key 'bogus'"),
         (["train", "steps=many"], "steps"),
         (["train", "--config", "missing.toml"], "missing.toml"),
         (["eval", "no/such/run"], "no/such/run is not a directory"),
+        (["eval", ".", "--metrics", "mig,nope"], "unknown metric 'nope'"),
+        (["eval", ".", "--examples", "0"], "examples must be ≥ 1"),
     ],
 )
 def test_user_errors_give_one_line_and_a_non_zero_status(tmp_path, args, words):

@@ -35,7 +35,7 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 
 def test_the_backends_this_machine_should_run_are_available():
     """Guards the harness against skipping into green: what can run here must not be skipped."""
-    assert set(aelearn.backends()) == {"hsic", "log_qz", "mmd", "vq_nearest"}
+    assert set(aelearn.backends()) == {"hsic", "log_qz", "mmd", "pixelcnn_step", "vq_nearest"}
     for op, table in aelearn.backends().items():
         assert set(table) == set(_registry.BACKEND_NAMES), op
         assert table["reference"] is None
@@ -78,6 +78,12 @@ def test_library_ops_pass_opcheck():
         (z, mu, logvar, groups, 2, -2.0, -1.0, -3.0, joint, marginals, torch.ones_like(joint), torch.ones_like(marginals)),
     )
     torch.library.opcheck(torch.ops.aelearn.vq_nearest.default, (torch.randn(9, 4), torch.randn(5, 4)))
+    layers, n, width, features, channels = 2, 3, 5, 4, 6
+    step_inputs = (torch.randn(n, width, features), torch.randn(layers, n, width, channels), torch.randn(layers, n, width, 2 * channels), 2,
+                   torch.randn(2, features, 2 * channels), torch.randn(layers - 1, 2, channels, 2 * channels),
+                   torch.randn(layers, channels, channels), torch.randn(layers, channels), torch.randn(layers, channels, 7),
+                   torch.randn(7), torch.randn(7, 3), torch.randn(3), torch.randn(3, 2), torch.randn(2))
+    torch.library.opcheck(torch.ops.aelearn.pixelcnn_step.default, step_inputs)
 
 
 def test_selection_order_argument_context_environment_priority(monkeypatch):

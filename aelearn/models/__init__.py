@@ -15,8 +15,10 @@ from aelearn.models.base import GenerativeModel, Model, loss_key, split_batch
 from aelearn.models.likelihoods import LIKELIHOODS, Bernoulli, Gaussian
 from aelearn.models.networks import ARCHITECTURES, build_networks
 from aelearn.models.vae import VAE, BetaVAE, gaussian_kl
+from aelearn.models.pixelcnn import PixelCNN
+from aelearn.models.vib import VIB
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"vae": VAE, "beta_vae": BetaVAE}
+MODELS: dict[str, Callable[..., nn.Module]] = {"vae": VAE, "beta_vae": BetaVAE, "pixelcnn": PixelCNN, "vib": VIB}
 
 
 def _options_of(factory: Callable) -> list[str]:
@@ -53,7 +55,9 @@ __all__ = [
     "LIKELIHOODS",
     "MODELS",
     "Model",
+    "PixelCNN",
     "VAE",
+    "VIB",
     "build_model",
     "build_networks",
     "gaussian_kl",
