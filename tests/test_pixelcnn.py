@@ -112,9 +112,17 @@ def test_step_bad_input():
     with pytest.raises(TypeError, match="v_row must have the dtype of x_row"):
         pixelcnn_step(x_row, h_row, v_row.double(), col, weights)
     bad = v_row.clone()
-    bad[0, 0, 0, 0] = math.nan
+    bad[0, 0, col, 0] = math.nan
     with pytest.raises(ValueError, match="v_row contains NaN"):
         pixelcnn_step(x_row, h_row, bad, col, weights)
+    bad = h_row.clone()
+    bad[1, 1, col - 1, 0] = math.inf
+    with pytest.raises(ValueError, match="h_row contains NaN or Inf"):
+        pixelcnn_step(x_row, bad, v_row, col, weights)
+    # What the step does not read may hold anything.
+    bad[1, 1, col - 1, 0] = 0.0
+    bad[:, :, col:] = math.nan
+    assert torch.equal(pixelcnn_step(x_row, bad, v_row, col, weights)[0], pixelcnn_step(x_row, h_row, v_row, col, weights)[0])
 
 
 # ---- the model ----

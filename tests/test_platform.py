@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 import subprocess
@@ -224,3 +225,7 @@ def test_finite_check_reads_every_slab_of_rows(monkeypatch):
         z[row, 3] = float("nan") if row != 5 else float("-inf")
         with pytest.raises(ValueError, match="z contains NaN or Inf"):
             _kernels.check_finite("z", z)
+    # Finite values whose sum overflows, and infinities that cancel to NaN in a sum.
+    _kernels.check_finite("z", torch.full((11, 4), 3e38))
+    with pytest.raises(ValueError, match="z contains NaN or Inf"):
+        _kernels.check_finite("z", torch.tensor([[math.inf], [-math.inf]]))

@@ -139,24 +139,32 @@ def elbo_decomposition(
     chosen = torch.zeros(length, dtype=torch.bool)
     subset = select_examples(length, num_samples, generator)
     chosen[slice(None) if subset is None else subset] = True
-    mus, logvars, codes, code_mus, code_logvars = [], [], [], [], []
+    # What is kept ([N, D] posteriors, [M, D] codes) is allocated once, at the first batch: small
+    # tensors kept per batch between the decoder's large temporary outputs fragment the heap, which
+    # then grows by about one decoder output per batch (17 GiB over dSprites).
+    kept: dict[str, torch.Tensor] = {}
     reconstruction = 0.0
-    start = 0
+    start = code_start = 0
     with evaluating(model):
         for images, _, mu, logvar in encoded_batches(model, dataset, batch_size):
+            if not kept:
+                count = int(chosen.sum())
+                kept = {name: mu.new_empty(rows, mu.shape[1]) for name, rows in
+                        (("mu", length), ("logvar", length), ("z", count), ("z_mu", count), ("z_logvar", count))}
             keep = chosen[start : start + len(images)].to(mu.device)
+            kept["mu"][start : start + len(images)] = mu
+            kept["logvar"][start : start + len(images)] = logvar
             start += len(images)
-            mus.append(mu)
-            logvars.append(logvar)
             if keep.any():
-                noise = torch.randn((int(keep.sum()), mu.shape[1]), generator=generator, dtype=mu.dtype).to(mu.device)
-                z = mu[keep] + torch.exp(0.5 * logvar[keep]) * noise
+                rows = slice(code_start, code_start + int(keep.sum()))
+                code_start = rows.stop
+                noise = torch.randn((rows.stop - rows.start, mu.shape[1]), generator=generator, dtype=mu.dtype).to(mu.device)
+                z = kept["z"][rows]
+                torch.addcmul(mu[keep], torch.exp(0.5 * logvar[keep]), noise, out=z)
                 reconstruction += float(model.likelihood.nll(model.decoder(z), images[keep]).double().sum())
-                codes.append(z)
-                code_mus.append(mu[keep])
-                code_logvars.append(logvar[keep])
-    mu, logvar = torch.cat(mus).contiguous(), torch.cat(logvars).contiguous()
-    z, z_mu, z_logvar = torch.cat(codes), torch.cat(code_mus), torch.cat(code_logvars)
+                kept["z_mu"][rows] = mu[keep]
+                kept["z_logvar"][rows] = logvar[keep]
+    mu, logvar, z, z_mu, z_logvar = (kept[name] for name in ("mu", "logvar", "z", "z_mu", "z_logvar"))
     log_qz, log_qz_dims = aggregate_log_density(z, mu, logvar, chunk_size=chunk_size, backend=backend)
     z, z_mu, z_logvar = z.double(), z_mu.double(), z_logvar.double()
     log_q_given_x = gaussian_log_density(z, z_mu, z_logvar)

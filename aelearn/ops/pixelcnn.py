@@ -147,7 +147,11 @@ def check_step_inputs(x_row, h_row, v_row, col, weights: StepWeights) -> None:
             raise _shape_error(name, tensors[name], shape, meaning)
     if isinstance(col, bool) or not isinstance(col, int) or not 0 <= col < width:
         raise ValueError(f"col must be an int in [0, {width}), got {col!r}")
-    for name, tensor in tensors.items():
+    # Only what the step reads must be finite (the rest of a row is ignored by the contract, and
+    # checking whole rows would cost more than the step itself).
+    first = max(col - taps + 1, 0)
+    read = {**tensors, "x_row": x_row[:, first : col + 1], "h_row": h_row[:, :, first:col], "v_row": v_row[:, :, col]}
+    for name, tensor in read.items():
         check_finite(name, tensor)
 
 
